@@ -119,6 +119,15 @@ def evict(
 # Fake kernels: output shapes only, so every op traces under torch.compile and export.
 
 
+def _same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"citrus.{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+                "all tensors must be on one device"
+            )
+
+
 def _rows(granularity: str, hkv) -> int:
     if granularity not in ("layer", "kv_head"):
         raise ValueError(f'citrus: `granularity` must be "layer" or "kv_head", got "{granularity}"')
@@ -128,6 +137,7 @@ def _rows(granularity: str, hkv) -> int:
 @torch.library.register_fake("citrus::chunk_scores")
 def _chunk_scores_fake(query, key, scale, lse=None, granularity="layer", cache_lens=None):
     torch._check(query.dim() == 4 and key.dim() == 4, lambda: "citrus.chunk_scores: 4-D inputs")
+    _same_device("chunk_scores", "query", query, key=key, lse=lse, cache_lens=cache_lens)
     b, hkv, length = key.shape[0], key.shape[1], key.shape[2]
     return query.new_empty((b, _rows(granularity, hkv), length - query.shape[2]), dtype=torch.float32)
 
@@ -135,12 +145,14 @@ def _chunk_scores_fake(query, key, scale, lse=None, granularity="layer", cache_l
 @torch.library.register_fake("citrus::segmented_topk")
 def _segmented_topk_fake(scores, k, lengths=None):
     torch._check(scores.dim() == 2, lambda: "citrus.segmented_topk: `scores` must be 2-D")
+    _same_device("segmented_topk", "scores", scores, lengths=lengths)
     torch._check(k >= 0, lambda: "citrus.segmented_topk: `k` must be >= 0")
     return scores.new_empty((scores.shape[0], torch.sym_min(k, scores.shape[1])), dtype=torch.long)
 
 
 @torch.library.register_fake("citrus::compact_kv")
 def _compact_kv_fake(key, value, kept, key_new=None, value_new=None):
+    _same_device("compact_kv", "key", key, value=value, kept=kept, key_new=key_new, value_new=value_new)
     n = kept.shape[2] + (key_new.shape[2] if key_new is not None else 0)
     b, h = key.shape[0], key.shape[1]
     return key.new_empty((b, h, n, key.shape[3])), value.new_empty((b, h, n, value.shape[3]))
@@ -149,6 +161,7 @@ def _compact_kv_fake(key, value, kept, key_new=None, value_new=None):
 @torch.library.register_fake("citrus::evict")
 def _evict_fake(query, key, value, keep, scale, lse=None, granularity="layer", keep_own=True):
     torch._check(keep >= 0, lambda: "citrus.evict: `keep` must be >= 0")
+    _same_device("evict", "query", query, key=key, value=value, lse=lse)
     b, hkv, length = key.shape[0], key.shape[1], key.shape[2]
     lq = query.shape[2]
     kk = torch.sym_min(keep, length - lq)
