@@ -2,7 +2,9 @@
 //   score[j] = mean over query heads h and queries t of exp(q[h,t]·k[j]·scale − lse[h,t]),
 // without materialising the [Hq, Lq, L] probabilities. Each (batch, KV head) pair stacks the
 // G = Hq/Hkv query heads of its group into G·Lq rows that share one key matrix; rows are taken
-// a block at a time, so only a [rows, L] tile of logits ever exists (per thread).
+// a block at a time, so only a [rows, L] tile of logits exists per thread. Per row one fused
+// pass turns logits into exp(x − max) in place and sums them (one exp per element), and a
+// matrix-vector product with the rows' 1/sum adds the tile's columns into the scores.
 #include "checks.h"
 
 #include <ATen/ATen.h>
@@ -14,48 +16,84 @@
 namespace citrus {
 namespace {
 
-// Logit tile budget per thread (floats): big enough that BLAS runs at full speed and the
-// key matrix is re-read only a few times, small enough to stay far below [Hq, Lq, L].
+// Logit tile budget per thread (floats): big enough that BLAS runs at full speed and the key
+// matrix is re-read only a few times, small enough to stay far below [Hq, Lq, L].
 constexpr int64_t kTileFloats = int64_t(1) << 21;
 
-// Sums, over the rows of one (batch, KV head) group, exp(logit − lse) on the cache columns.
-// q: [G*Lq, D] fp32, k: [L, D] fp32, lse: [G*Lq] fp32 or undefined, acc: [Lc] fp32 (output).
-void score_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale,
-                 int64_t Lq, int64_t Lc, int64_t valid_cache, at::Tensor& acc) {
-  const int64_t rows = q.size(0);
-  const int64_t L = k.size(0);
-  // With a given lse only the cache columns are needed; otherwise the own keys join the normaliser.
-  const int64_t ncols = lse.defined() ? Lc : L;
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(rows, kTileFloats / ncols));
-  const at::Tensor kt = k.narrow(0, 0, ncols).t();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  acc.zero_();
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t nr = std::min(block, rows - r0);
-    at::Tensor logits = at::mm(q.narrow(0, r0, nr), kt);
-    logits.mul_(scale);
-    float* data = logits.data_ptr<float>();
-    // Padding between the valid cache and the own keys is seen by no query.
-    if (valid_cache < Lc) {
-      for (int64_t r = 0; r < nr; ++r) {
-        std::fill(data + r * ncols + valid_cache, data + r * ncols + Lc, neg_inf);
-      }
-    }
-    at::Tensor row_lse;
-    if (lse.defined()) {
-      row_lse = lse.narrow(0, r0, nr);
-    } else {
-      // Causal mask: query t (row r, t = r mod Lq) sees the cache and own keys 0..t.
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t t = (r0 + r) % Lq;
-        std::fill(data + r * ncols + Lc + t + 1, data + (r + 1) * ncols, neg_inf);
-      }
-      row_lse = at::logsumexp(logits, {1});
-    }
-    at::Tensor cache = logits.narrow(1, 0, Lc);
-    cache.sub_(row_lse.unsqueeze(1)).exp_();
-    acc.add_(cache.sum(0));
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CITRUS_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define CITRUS_CLONES
+#endif
+
+// exp(x) for float, written so the compiler vectorises the loops that call it (Cephes-style
+// range reduction and degree-6 polynomial, ~1 ulp). Arguments below -87.3 give exactly 0, so
+// masked (-inf) logits vanish.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  const float clamped = x > -87.3f ? x : -87.3f;  // (no std::max: it would not inline here)
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n from the exponent bits. Unsigned arithmetic and __builtin_bit_cast (not memcpy) keep the
+  // loop vectorisable under Python's -fwrapv.
+  const int32_t bits =
+      static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(n)) + 127u) << 23);
+  const float two_n = __builtin_bit_cast(float, bits);
+  return x < -87.3f ? 0.0f : p * two_n;
+}
+
+CITRUS_CLONES float max_of(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// x[i] <- exp(x[i] − shift); returns the sum of the new values.
+CITRUS_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_approx(x[i] - shift);
+    x[i] = e;
+    s += e;
   }
+  return s;
+}
+
+// Adds, over the rows of one (batch, KV head) group, exp(logit − lse) on the cache columns.
+// q: [rows, D] fp32 scaled, k: [L, D] fp32, lse: [rows] fp32 or undefined, acc: [Lc] fp32.
+// Rows [r0, r0 + nr) are row r's query t = r mod Lq.
+void score_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, int64_t r0,
+                int64_t nr, int64_t Lq, int64_t Lc, int64_t valid_cache, at::Tensor& acc) {
+  // With a given lse only the cache columns are needed; otherwise the own keys join the normaliser.
+  const int64_t ncols = lse.defined() ? Lc : k.size(0);
+  at::Tensor logits = at::mm(q.narrow(0, r0, nr), k.narrow(0, 0, ncols).t());
+  at::Tensor coef = at::empty({nr}, logits.options());
+  float* data = logits.data_ptr<float>();
+  float* cp = coef.data_ptr<float>();
+  const float* lp = lse.defined() ? lse.data_ptr<float>() + r0 : nullptr;
+  for (int64_t r = 0; r < nr; ++r) {
+    float* x = data + r * ncols;
+    if (lp) {
+      exp_shift_sum(x, valid_cache, lp[r]);
+      cp[r] = 1.0f;
+    } else {
+      // Query t sees the valid cache and its own keys 0..t (causal); padding is seen by none.
+      const int64_t own = (r0 + r) % Lq + 1;
+      const float m = std::max(max_of(x, valid_cache), max_of(x + Lc, own));
+      const float s = exp_shift_sum(x, valid_cache, m) + exp_shift_sum(x + Lc, own, m);
+      cp[r] = 1.0f / s;
+    }
+    std::fill(x + valid_cache, x + Lc, 0.0f);
+  }
+  acc.addmv_(logits.narrow(1, 0, Lc).t(), coef);
 }
 
 at::Tensor chunk_scores_cpu(const at::Tensor& query, const at::Tensor& key, double scale,
@@ -64,12 +102,12 @@ at::Tensor chunk_scores_cpu(const at::Tensor& query, const at::Tensor& key, doub
   const char* op = "citrus.chunk_scores";
   const AttnDims d = check_attention_args(op, query, key, scale, lse, cache_lens);
   const bool layer = is_layer_granularity(granularity, op);
-  const int64_t G = d.group(), Lc = d.cache();
+  const int64_t G = d.group(), Lc = d.cache(), rows = G * d.Lq, groups = d.B * d.Hkv;
 
-  // [B, Hkv, G*Lq, D]: the query heads of one KV group stacked as rows (a view for contiguous q).
-  const at::Tensor q = query.reshape({d.B, d.Hkv, G * d.Lq, d.D});
+  // [B, Hkv, G*Lq, D]: the query heads of one KV group stacked as rows.
+  const at::Tensor q = query.reshape({d.B, d.Hkv, rows, d.D});
   const at::Tensor l =
-      lse.has_value() ? lse->to(at::kFloat).reshape({d.B, d.Hkv, G * d.Lq}) : at::Tensor();
+      lse.has_value() ? lse->to(at::kFloat).reshape({d.B, d.Hkv, rows}).contiguous() : at::Tensor();
   std::vector<int64_t> valid(d.B, Lc);
   if (cache_lens.has_value()) {
     const at::Tensor c = cache_lens->to(at::kLong).contiguous();
@@ -80,22 +118,45 @@ at::Tensor chunk_scores_cpu(const at::Tensor& query, const at::Tensor& key, doub
       valid[b] = n;
     }
   }
-  at::Tensor per_head = at::empty({d.B, d.Hkv, Lc}, query.options().dtype(at::kFloat));
-
-  auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / d.Hkv, h = i % d.Hkv;
-      const at::Tensor qg = q[b][h].to(at::kFloat).contiguous();
-      const at::Tensor kg = key[b][h].to(at::kFloat).contiguous();
-      at::Tensor acc = per_head[b][h];
-      score_group(qg, kg, l.defined() ? l[b][h] : at::Tensor(), scale, d.Lq, Lc, valid[b], acc);
-    }
+  at::Tensor per_head = at::zeros({d.B, d.Hkv, Lc}, query.options().dtype(at::kFloat));
+  const int64_t ncols = lse.has_value() ? Lc : d.L;
+  const int64_t max_block = std::max<int64_t>(1, kTileFloats / ncols);
+  const int64_t threads = at::get_num_threads();
+  auto group_inputs = [&](int64_t i) {
+    const int64_t b = i / d.Hkv, h = i % d.Hkv;
+    return std::make_tuple(b, (q[b][h].to(at::kFloat) * scale).contiguous(),
+                           key[b][h].to(at::kFloat).contiguous(),
+                           l.defined() ? l[b][h] : at::Tensor());
   };
-  // Many groups: one per thread. Few groups: run them in turn and let BLAS use every thread.
-  if (d.B * d.Hkv >= at::get_num_threads()) {
-    at::parallel_for(0, d.B * d.Hkv, 1, run);
+
+  if (groups % threads == 0 || groups >= 4 * threads) {
+    // Enough groups to share out evenly: one group per task, BLAS single-threaded inside.
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        auto [b, qg, kg, lg] = group_inputs(i);
+        at::Tensor acc = per_head[b][i % d.Hkv];
+        for (int64_t r0 = 0; r0 < rows; r0 += max_block) {
+          score_rows(qg, kg, lg, r0, std::min(max_block, rows - r0), d.Lq, Lc, valid[b], acc);
+        }
+      }
+    });
   } else {
-    run(0, d.B * d.Hkv);
+    // Few groups: split each group's rows across threads, each adding into its own partial sum.
+    const int64_t block = std::min(max_block, (rows + threads - 1) / threads);
+    const int64_t nblocks = (rows + block - 1) / block;
+    at::Tensor partial = at::zeros({threads, Lc}, per_head.options());
+    for (int64_t i = 0; i < groups; ++i) {
+      auto [b, qg, kg, lg] = group_inputs(i);
+      partial.zero_();
+      at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor acc = partial[at::get_thread_num()];
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t r0 = blk * block;
+          score_rows(qg, kg, lg, r0, std::min(block, rows - r0), d.Lq, Lc, valid[b], acc);
+        }
+      });
+      per_head[b][i % d.Hkv].copy_(partial.sum(0));
+    }
   }
   if (layer) {
     return per_head.sum(1, /*keepdim=*/true).div_(static_cast<double>(d.Hq * d.Lq));
