@@ -1,0 +1,146 @@
+"""The public entry point: ``citrus_ext.answer(model, tokenizer, document, instruction, ...)``."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import compat
+from .policies import make_policy
+from .reader import ChunkedReader
+
+TextOrBatch = Union[str, list[str]]
+
+
+@dataclass
+class Answer:
+    """What :func:`answer` returns.
+
+    Attributes
+    ----------
+    text : str, or a list of str for a batch.
+    token_ids : list[int] (the generated tokens, eos included when reached), or one list per row.
+    stats : dict: ``tokens_read`` (document tokens), ``instruction_tokens``, ``chunks``,
+        ``peak_states_per_layer`` (the most states a layer held, during a forward included),
+        ``stored_states_per_layer``, ``max_position``, ``time_s`` (all model forwards),
+        ``forward_s``, ``score_s``, ``topk_s``, ``compact_s``, ``wall_s``; a batch has one dict
+        per row under ``rows`` and the summed times at the top level.
+    """
+
+    text: Union[str, list[str]]
+    token_ids: Union[list[int], list[list[int]]]
+    stats: dict = field(default_factory=dict)
+
+
+def split_prompt(tokenizer, document: str, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids of the document part and of the instruction part of the prompt.
+
+    With a chat template the user turn holds the document, a blank line and the instruction, and
+    the assistant-turn header is added; the *document part* is everything up to the end of the
+    document text, the *instruction part* is the rest (the question and the assistant header).
+    The two parts are tokenized separately, so the split is exact. Without a chat template the
+    document is tokenized with the tokenizer's special tokens and the instruction follows after a
+    blank line.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{document}\n\n{instruction}"}], tokenize=False, add_generation_prompt=True
+        )
+        cut = prompt.index(document) + len(document)
+        head, tail = prompt[:cut], prompt[cut:]
+        return tokenizer(head, add_special_tokens=False).input_ids, tokenizer(tail, add_special_tokens=False).input_ids
+    return tokenizer(document).input_ids, tokenizer(f"\n\n{instruction}", add_special_tokens=False).input_ids
+
+
+def _as_batch(value, name: str) -> list[str]:
+    rows = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if rows is None or not rows or not all(isinstance(r, str) for r in rows):
+        raise ValueError(f"citrus: `{name}` must be a non-empty string or a non-empty list of strings")
+    for row in rows:
+        if not row.strip():
+            raise ValueError(f"citrus: `{name}` must not be empty")
+    return rows
+
+
+def answer(
+    model,
+    tokenizer,
+    document: TextOrBatch,
+    instruction: TextOrBatch,
+    *,
+    method: str = "citrus_shared",
+    budget: int = 768,
+    chunk_size: int = 256,
+    max_new_tokens: int = 64,
+    positions: str = "relative",
+    progress: Optional[Union[bool, Callable[[int, int], None]]] = None,
+    **options,
+) -> Answer:
+    """Read ``document`` chunk by chunk with eviction policy ``method``, then answer ``instruction``.
+
+    Parameters
+    ----------
+    model : a supported transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma3 text).
+    tokenizer : its tokenizer (its chat template is applied when it has one, see :func:`split_prompt`).
+    document, instruction : str, or equal-length lists of str (a batch: every row is read with its
+        own instruction and gets the answer it would get alone).
+    method : ``"citrus_shared"``, ``"citrus_individual"``, ``"cse"``, ``"full"``, ``"streaming_llm"``,
+        ``"h2o"``, ``"tova"`` or ``"snapkv"``.
+    budget : int, ``k``: old states kept per layer after each eviction.
+    chunk_size : int, ``l_s``: tokens per chunk.
+    max_new_tokens : int, greedy decoding stops there or at an eos token (tokenizer's and
+        generation config's).
+    positions : ``"relative"`` (default) or ``"original"``.
+    progress : ``True`` for a tqdm bar, or a callable ``progress(done_chunks, total_chunks)``.
+    **options : policy options (``granularity``, ``head_reduce``, ``query_reduce``, ``pool``,
+        ``sinks``, and per-policy ones such as ``window`` for snapkv or ``recent`` for h2o).
+
+    Returns
+    -------
+    Answer
+    """
+    documents, instructions = _as_batch(document, "document"), _as_batch(instruction, "instruction")
+    if len(documents) != len(instructions):
+        raise ValueError(
+            f"citrus: `document` has {len(documents)} rows but `instruction` has {len(instructions)}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"citrus: `max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}")
+    compat.check_supported(model)
+    make_policy(method, budget, **options)  # validate before any work
+    eos = compat.eos_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    results = []
+    for doc, instr in zip(documents, instructions):
+        start = time.perf_counter()
+        doc_ids, instr_ids = split_prompt(tokenizer, doc, instr)
+        reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size, positions)
+        doc_t = torch.tensor([doc_ids], device=device)
+        instr_t = torch.tensor([instr_ids], device=device)
+        reader.read(doc_t, instr_t, _progress_callback(progress, doc_t.shape[1], chunk_size))
+        tokens = reader.generate(instr_t, max_new_tokens, eos)
+        stats = reader.stats()
+        stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start)
+        results.append((tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats))
+    if isinstance(document, str):
+        return Answer(*results[0])
+    summed = {k: sum(r[2][k] for r in results) for k in ("tokens_read", "chunks", "time_s", "forward_s", "score_s",
+                                                          "topk_s", "compact_s", "wall_s")}
+    return Answer([r[0] for r in results], [r[1] for r in results], {**summed, "rows": [r[2] for r in results]})
+
+
+def _progress_callback(progress, length: int, chunk_size: int) -> Optional[Callable[[int, int], None]]:
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=-(-length // chunk_size), unit="chunk", desc="reading")
+
+        def update(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+
+        return update
+    return progress or None
