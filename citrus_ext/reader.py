@@ -107,31 +107,38 @@ class ChunkedReader:
             if progress is not None:
                 progress(i + 1, total)
 
-    def prepare_answer(self, instruction: torch.Tensor) -> torch.Tensor:
-        """SPEC's final stage: prune the answer cache with the instruction, encode it again.
-
-        Returns the logits ``[1, V]`` at the instruction's last position.
-        """
-        cache, li = self.answer_cache, instruction.shape[1]
+    def prune(self, instruction: torch.Tensor) -> None:
+        """SPEC's final stage, first half: encode ``instruction [1, l_I]`` over the answer cache,
+        keep the top ``budget`` states by its scores and drop its states."""
         if self.policy.evicts:
-            self.forward(cache, instruction, [("instruction", li)], evict=True, keep=(), scorer="instruction")
-        logits = self.forward(cache, instruction, [("instruction", li)], evict=False, keep=("instruction",))
-        self.next_index += li
+            self.forward(self.answer_cache, instruction, [("instruction", instruction.shape[1])], evict=True, keep=(),
+                         scorer="instruction")
+
+    def encode_instruction(self, instruction: torch.Tensor) -> torch.Tensor:
+        """Encode ``instruction`` over the (pruned) answer cache, keeping its states; returns the
+        logits ``[1, V]`` at its last position."""
+        logits = self.forward(self.answer_cache, instruction, [("instruction", instruction.shape[1])], evict=False,
+                              keep=("instruction",))
+        self.next_index += instruction.shape[1]
         return logits
 
-    def generate(self, instruction: torch.Tensor, max_new_tokens: int, eos: Sequence[int]) -> list[int]:
-        """Final stage, then greedy decoding (no eviction) until an eos token or ``max_new_tokens``."""
-        logits = self.prepare_answer(instruction)
+    def decode(self, logits: torch.Tensor, max_new_tokens: int, eos: Sequence[int]) -> list[int]:
+        """Greedy decoding from ``logits`` (no eviction) until an eos token or ``max_new_tokens``."""
         tokens: list[int] = []
         for _ in range(max_new_tokens):
             token = int(logits.argmax(-1))
             tokens.append(token)
             if token in eos or len(tokens) == max_new_tokens:
                 break
-            ids = torch.tensor([[token]], device=instruction.device)
+            ids = torch.tensor([[token]], device=logits.device)
             logits = self.forward(self.answer_cache, ids, [("token", 1)], evict=False, keep=("token",))
             self.next_index += 1
         return tokens
+
+    def generate(self, instruction: torch.Tensor, max_new_tokens: int, eos: Sequence[int]) -> list[int]:
+        """The final stage (:meth:`prune`, :meth:`encode_instruction`) and greedy decoding."""
+        self.prune(instruction)
+        return self.decode(self.encode_instruction(instruction), max_new_tokens, eos)
 
     def stats(self) -> dict:
         """Counters of the read so far (tokens, chunks, peak states per layer, time split)."""
