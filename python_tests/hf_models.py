@@ -68,6 +68,7 @@ def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     vocab.update({c: i + 6 for i, c in enumerate(chars)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.add_special_tokens(list(vocab)[:6])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
     if chat:
