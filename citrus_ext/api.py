@@ -111,24 +111,32 @@ def answer(
     compat.check_supported(model)
     make_policy(method, budget, **options)  # validate before any work
     eos = compat.eos_token_ids(model, tokenizer)
-    device = next(model.parameters()).device
     results = []
-    for doc, instr in zip(documents, instructions):
-        start = time.perf_counter()
-        doc_ids, instr_ids = split_prompt(tokenizer, doc, instr)
-        reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size, positions)
-        doc_t = torch.tensor([doc_ids], device=device)
-        instr_t = torch.tensor([instr_ids], device=device)
-        reader.read(doc_t, instr_t, _progress_callback(progress, doc_t.shape[1], chunk_size))
-        tokens = reader.generate(instr_t, max_new_tokens, eos)
-        stats = reader.stats()
-        stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start)
-        results.append((tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats))
+    with compat.citrus_attention_enabled(model):
+        for doc, instr in zip(documents, instructions):
+            results.append(_answer_one(model, tokenizer, doc, instr, method, budget, chunk_size, max_new_tokens,
+                                       positions, progress, eos, options))
     if isinstance(document, str):
         return Answer(*results[0])
     summed = {k: sum(r[2][k] for r in results) for k in ("tokens_read", "chunks", "time_s", "forward_s", "score_s",
                                                           "topk_s", "compact_s", "wall_s")}
     return Answer([r[0] for r in results], [r[1] for r in results], {**summed, "rows": [r[2] for r in results]})
+
+
+def _answer_one(model, tokenizer, doc, instr, method, budget, chunk_size, max_new_tokens, positions, progress, eos,
+                options):
+    """Read one document and answer; returns ``(text, token_ids, stats)``."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    doc_ids, instr_ids = split_prompt(tokenizer, doc, instr)
+    reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size, positions)
+    doc_t = torch.tensor([doc_ids], device=device)
+    instr_t = torch.tensor([instr_ids], device=device)
+    reader.read(doc_t, instr_t, _progress_callback(progress, doc_t.shape[1], chunk_size))
+    tokens = reader.generate(instr_t, max_new_tokens, eos)
+    stats = reader.stats()
+    stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start)
+    return tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats
 
 
 def _progress_callback(progress, length: int, chunk_size: int) -> Optional[Callable[[int, int], None]]:

@@ -188,8 +188,11 @@ def plain_attention(*args, **kwargs):
 
 @contextlib.contextmanager
 def citrus_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
-    """Switch ``model`` to the CItruS attention function for the duration of the block."""
+    """Switch ``model`` to the CItruS attention function for the duration of the block (re-entrant)."""
     previous = model.config._attn_implementation
+    if previous == ATTENTION_NAME:
+        yield
+        return
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield

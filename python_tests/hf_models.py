@@ -10,6 +10,10 @@ from transformers import PreTrainedTokenizerFast
 
 VOCAB = 1000
 
+# Tiny models gain nothing from threads, and on shared cores each parallel region can stall for
+# milliseconds waiting for a descheduled thread.
+torch.set_num_threads(1)
+
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
