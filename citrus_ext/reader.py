@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import compat
-from .attention import Step
+from .attention import Step, compact_layer, rotate
 from .compat import CitrusCache
 from .policies import Policy
 
@@ -139,6 +139,34 @@ class ChunkedReader:
         """The final stage (:meth:`prune`, :meth:`encode_instruction`) and greedy decoding."""
         self.prune(instruction)
         return self.decode(self.encode_instruction(instruction), max_new_tokens, eos)
+
+    def rotated_keys(self, layer_idx: int, cache: Optional[CitrusCache] = None) -> torch.Tensor:
+        """The keys of a layer as attention sees them now (RoPE at their current positions), so
+        custom code can score the cache itself (e.g. with ``torch.ops.citrus.evict``)."""
+        layer = (cache or self.cache).layers[layer_idx]
+        if self.positions == "relative":
+            positions = torch.arange(layer.stored, device=layer.keys.device).expand(layer.keys.shape[0], 1, -1)
+        else:
+            positions = layer.origin
+        return rotate(layer.keys, positions, self.specs[layer_idx].inv_freq)
+
+    def keep(self, layer_idx: int, kept: torch.Tensor, cache: Optional[CitrusCache] = None) -> None:
+        """Keep only the states ``kept [B, 1 or Hkv, K]`` (ascending indices) of a layer, e.g. the
+        indices ``torch.ops.citrus.evict`` returned."""
+        layer = (cache or self.cache).layers[layer_idx]
+        c = layer.stored
+        compact_layer(layer, c, kept, slice(c, c), layer.origin.new_empty(0), {}, None)
+
+    def retention(self, token_indices: Sequence[int], cache: Optional[CitrusCache] = None) -> list[torch.Tensor]:
+        """Share of the given token indices (e.g. a needle's) still cached, per layer and KV head.
+
+        Returns one float tensor per layer, ``[1]`` for a layer-level selection or ``[Hkv]``.
+        """
+        wanted = torch.tensor(list(token_indices))
+        return [
+            torch.stack([torch.isin(wanted, row).float().mean() for row in layer.origin[0].cpu()])
+            for layer in (cache or self.answer_cache).layers
+        ]
 
     def stats(self) -> dict:
         """Counters of the read so far (tokens, chunks, peak states per layer, time split)."""

@@ -154,3 +154,35 @@ def test_unsupported_model():
     model = transformers.GPT2LMHeadModel(config).eval()
     with pytest.raises(ValueError, match="`model`"):
         citrus_ext.answer(model, char_tokenizer(), "a document", "a question")
+
+
+def test_gemma3_sliding_layers_keep_a_plain_window():
+    model = tiny_model("gemma3")  # layers 0 and 2 slide over 12 positions
+    ids = torch.randint(6, 1000, (1, 110), generator=torch.Generator().manual_seed(9))
+    reader = ChunkedReader(model, make_policy("citrus_shared", 10), chunk_size=8)
+    reader.read(ids[:, :100], ids[:, 100:])
+    for i, layer in enumerate(reader.cache.layers):
+        origin = layer.origin[0, 0].tolist()
+        if i in (0, 2):
+            assert origin == list(range(89, 100))  # the newest window - 1 tokens, never score-evicted
+        else:
+            assert len(origin) == 10 + 4 and origin[-4:] == [96, 97, 98, 99]
+
+
+def test_custom_loop_with_the_evict_op():
+    # Custom code reads without eviction, then scores each layer itself with torch.ops.citrus.evict.
+    model = tiny_model("llama")
+    ids = torch.randint(6, 1000, (1, 40), generator=torch.Generator().manual_seed(10))
+    reader = ChunkedReader(model, make_policy("full", 1), chunk_size=8)
+    reader.read(ids[:, :32], ids[:, 32:])
+    for i in range(len(reader.cache.layers)):
+        keys = reader.rotated_keys(i)
+        query = keys[:, :, -4:].repeat_interleave(2, dim=1)  # any [B, Hq, Lq, D] queries will do
+        values = reader.cache.layers[i].values
+        _, _, kept = torch.ops.citrus.evict(query, keys, values, 10, 0.25, None, "layer", False)
+        reader.keep(i, kept)
+        assert reader.cache.layers[i].stored == 10
+        assert reader.cache.layers[i].origin[0, 0].tolist() == kept[0, 0].tolist()
+    shares = reader.retention(range(28, 32))
+    assert len(shares) == 2 and all(0.0 <= float(s) <= 1.0 for s in shares)
+    assert reader.decode(reader.encode_instruction(ids[:, 32:]), 3, eos=()) is not None
