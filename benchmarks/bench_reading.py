@@ -47,7 +47,7 @@ def run_one(model, method: str, length: int, args) -> dict:
     start = time.perf_counter()
     reader.read(document, instruction)
     read_s = time.perf_counter() - start
-    tokens = reader.generate(instruction, args.new_tokens, eos=())
+    tokens = reader.generate(instruction, args.new_tokens, eos=())[0]
     wall = time.perf_counter() - start
     stats = reader.stats()
     evict = stats["score_s"] + stats["topk_s"] + stats["compact_s"]

@@ -25,8 +25,9 @@ class Answer:
     stats : dict: ``tokens_read`` (document tokens), ``instruction_tokens``, ``chunks``,
         ``peak_states_per_layer`` (the most states a layer held, during a forward included),
         ``stored_states_per_layer``, ``max_position``, ``time_s`` (all model forwards),
-        ``forward_s``, ``score_s``, ``topk_s``, ``compact_s``, ``wall_s``; a batch has one dict
-        per row under ``rows`` and the summed times at the top level.
+        ``forward_s``, ``score_s``, ``topk_s``, ``compact_s``, ``wall_s``. Rows of a batch are
+        read together, so times and peaks are the batch's; ``tokens_read`` and
+        ``instruction_tokens`` are then per-row lists, and ``rows`` holds one dict per row.
     """
 
     text: Union[str, list[str]]
@@ -84,8 +85,8 @@ def answer(
     ----------
     model : a supported transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma3 text).
     tokenizer : its tokenizer (its chat template is applied when it has one, see :func:`split_prompt`).
-    document, instruction : str, or equal-length lists of str (a batch: every row is read with its
-        own instruction and gets the answer it would get alone).
+    document, instruction : str, or equal-length lists of str (a batch, read together: every row
+        has its own instruction and gets the answer it would get alone).
     method : ``"citrus_shared"``, ``"citrus_individual"``, ``"cse"``, ``"full"``, ``"streaming_llm"``,
         ``"h2o"``, ``"tova"`` or ``"snapkv"``.
     budget : int, ``k``: old states kept per layer after each eviction.
@@ -108,35 +109,22 @@ def answer(
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"citrus: `max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}")
-    compat.check_supported(model)
-    make_policy(method, budget, **options)  # validate before any work
-    eos = compat.eos_token_ids(model, tokenizer)
-    results = []
-    with compat.citrus_attention_enabled(model):
-        for doc, instr in zip(documents, instructions):
-            results.append(_answer_one(model, tokenizer, doc, instr, method, budget, chunk_size, max_new_tokens,
-                                       positions, progress, eos, options))
-    if isinstance(document, str):
-        return Answer(*results[0])
-    summed = {k: sum(r[2][k] for r in results) for k in ("tokens_read", "chunks", "time_s", "forward_s", "score_s",
-                                                          "topk_s", "compact_s", "wall_s")}
-    return Answer([r[0] for r in results], [r[1] for r in results], {**summed, "rows": [r[2] for r in results]})
-
-
-def _answer_one(model, tokenizer, doc, instr, method, budget, chunk_size, max_new_tokens, positions, progress, eos,
-                options):
-    """Read one document and answer; returns ``(text, token_ids, stats)``."""
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    doc_ids, instr_ids = split_prompt(tokenizer, doc, instr)
     reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size, positions)
-    doc_t = torch.tensor([doc_ids], device=device)
-    instr_t = torch.tensor([instr_ids], device=device)
-    reader.read(doc_t, instr_t, _progress_callback(progress, doc_t.shape[1], chunk_size))
-    tokens = reader.generate(instr_t, max_new_tokens, eos)
-    stats = reader.stats()
-    stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start)
-    return tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats
+    eos = compat.eos_token_ids(model, tokenizer)
+    prompts = [split_prompt(tokenizer, d, i) for d, i in zip(documents, instructions)]
+    doc_rows = [torch.tensor(d, dtype=torch.long) for d, _ in prompts]
+    instr_rows = [torch.tensor(i, dtype=torch.long) for _, i in prompts]
+    with compat.citrus_attention_enabled(model):
+        reader.read(doc_rows, instr_rows, _progress_callback(progress, max(len(d) for d in doc_rows), chunk_size))
+        tokens = reader.generate(instr_rows, max_new_tokens, eos)
+    wall = time.perf_counter() - start
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    rows = [dict(reader.stats(b), instruction_tokens=len(instr_rows[b]), wall_s=wall) for b in range(len(prompts))]
+    if isinstance(document, str):
+        return Answer(texts[0], tokens[0], rows[0])
+    return Answer(texts, tokens, dict(rows[0], tokens_read=[r["tokens_read"] for r in rows],
+                                      instruction_tokens=[r["instruction_tokens"] for r in rows], rows=rows))
 
 
 def _progress_callback(progress, length: int, chunk_size: int) -> Optional[Callable[[int, int], None]]:

@@ -62,25 +62,65 @@ def attention_with_lse(
     return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
 
 
-def block_mask(
-    cache_len: int, segments: list[tuple[str, int]], window: Optional[int], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Additive mask ``[1, 1, n, cache_len + n]`` of a forward whose new tokens form ``segments``.
+@dataclass
+class Layout:
+    """Where the new tokens of a forward sit, for a batch of ragged rows.
 
-    Every new token sees the whole cache and, causally, the tokens of its own segment only (so the
-    instruction never sees the chunk it is encoded beside). Each segment starts right after the
-    cache; with a ``window`` a query sees keys fewer than ``window`` positions behind it.
+    The new tokens form named segments (e.g. the chunk, then the instruction), each padded to the
+    longest row on the *left*, so the last rows of a segment are real tokens in every row.
+
+    Attributes
+    ----------
+    segments : ``[(name, width), ...]``, padded widths in input order.
+    lengths : Tensor ``[B, S]`` int64, real tokens of each segment per row.
+    offsets : Tensor ``[B, n]`` int64, position of a new token inside its segment (pads < 0).
+    segment_id : Tensor ``[n]`` int64.
     """
-    offsets = torch.cat([torch.arange(n, device=device) for _, n in segments])
-    segment_id = torch.cat([torch.full((n,), i, device=device) for i, (_, n) in enumerate(segments)])
-    own = (segment_id[:, None] == segment_id[None, :]) & (offsets[None, :] <= offsets[:, None])
-    visible = torch.cat([own.new_ones((len(offsets), cache_len)), own], dim=1)
-    if window is not None:
-        query_pos = cache_len + offsets
-        key_pos = torch.cat([torch.arange(cache_len, device=device), cache_len + offsets])
-        visible &= (query_pos[:, None] - key_pos[None, :]) < window
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~visible, float("-inf"))[None, None]
+
+    segments: list[tuple[str, int]]
+    lengths: torch.Tensor
+
+    def __post_init__(self) -> None:
+        offsets, ids = [], []
+        for s, (_, width) in enumerate(self.segments):
+            pad = width - self.lengths[:, s : s + 1]
+            offsets.append(torch.arange(width)[None, :] - pad)
+            ids.append(torch.full((width,), s))
+        self.offsets = torch.cat(offsets, dim=1)
+        self.segment_id = torch.cat(ids)
+        self.real = self.offsets >= 0
+        self.rows = {}
+        start = 0
+        for name, width in self.segments:
+            self.rows[name] = slice(start, start + width)
+            start += width
+
+    def count(self, name: str) -> torch.Tensor:
+        """Real tokens of segment ``name`` per row, ``[B]``."""
+        return self.lengths[:, [n for n, _ in self.segments].index(name)]
+
+    def mask(self, cache_lens: torch.Tensor, cache_width: int, window: Optional[int], dtype, device) -> torch.Tensor:
+        """Additive mask ``[B, 1, n, cache_width + n]``.
+
+        A real token sees its row's valid cache and, causally, the real tokens of its own segment
+        (so the instruction never sees the chunk beside it); every segment starts right after the
+        cache. With a ``window`` a query sees keys fewer than ``window`` positions behind it. A pad
+        query sees only itself (its output is unused; this keeps its softmax finite).
+        """
+        off, real = self.offsets.to(device), self.real.to(device)
+        lens = cache_lens.to(device)[:, None]
+        same = self.segment_id.to(device)
+        own = (same[:, None] == same[None, :]) & (off[:, None, :] <= off[:, :, None]) & real[:, None, :] & real[:, :, None]
+        cache = (torch.arange(cache_width, device=device)[None, None, :] < lens[:, :, None]) & real[:, :, None]
+        visible = torch.cat([cache.expand(-1, off.shape[1], -1), own], dim=2)
+        if window is not None:
+            query_pos = lens + off
+            key_pos = torch.cat([torch.arange(cache_width, device=device).expand(len(lens), -1), lens + off], dim=1)
+            visible &= (query_pos[:, :, None] - key_pos[:, None, :]) < window
+        n = off.shape[1]
+        visible[:, torch.arange(n), cache_width + torch.arange(n)] |= ~real
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~visible, float("-inf"))[:, None]
 
 
 @dataclass
@@ -90,10 +130,11 @@ class ScoreView:
     Attributes
     ----------
     query : Tensor ``[B, Hq, n, D]``, the new tokens' rotated queries.
-    key : Tensor ``[B, Hkv, c + n, D]``, rotated keys (cache then new).
+    key : Tensor ``[B, Hkv, c + n, D]``, rotated keys (cache, padded to width ``c``, then new).
     lse : Tensor ``[B, Hq, n]`` float32, each query's log-sum-exp.
     scale : float, the attention scale.
-    cache_len : int, ``c``.
+    cache_len : int, ``c``, the cache width (rows may hold fewer valid states).
+    cache_lens : Tensor ``[B]``, valid cache states per row.
     segments : dict mapping a segment name to its slice of the new rows.
     layer : the layer's cache (for state a policy carries, e.g. H2O's accumulator).
     carry : per-state float tensors ``[B, R, c + n]`` a policy wants compacted with the states.
@@ -104,6 +145,7 @@ class ScoreView:
     lse: torch.Tensor
     scale: float
     cache_len: int
+    cache_lens: torch.Tensor
     segments: dict[str, slice]
     layer: CitrusLayer
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -111,16 +153,19 @@ class ScoreView:
     def attention(self, rows: slice, granularity: str, head_reduce: str = "mean", query_reduce: str = "mean"):
         """SPEC's score of the cache for the query ``rows``: ``[B, 1 or Hkv, c]`` float32.
 
-        ``head_reduce="max"`` (layer granularity) takes the max over KV heads of each head's
-        group mean; ``query_reduce="max"`` takes the max over queries instead of the mean.
+        Pad queries carry an infinite lse, so they add nothing: a row with padding gets its scores
+        scaled by a constant, which leaves its ranking unchanged. ``head_reduce="max"`` (layer
+        granularity) takes the max over KV heads of each head's group mean; ``query_reduce="max"``
+        the max over queries instead of the mean.
         """
         per_head = granularity if head_reduce == "mean" else "kv_head"
         c = self.cache_len
+        lens = None if bool((self.cache_lens == c).all()) else self.cache_lens
         if query_reduce == "max":
             scores = torch.stack(
                 [
                     ops.chunk_scores(self.query[:, :, t : t + 1], self.key[:, :, : c + 1], self.scale,
-                                     self.lse[:, :, t : t + 1], per_head)
+                                     self.lse[:, :, t : t + 1], per_head, lens)
                     for t in range(rows.start, rows.stop)
                 ]
             ).amax(0)
@@ -128,7 +173,7 @@ class ScoreView:
             n = rows.stop - rows.start
             # With lse given only the first c key columns are read, so any n columns may follow them.
             scores = ops.chunk_scores(self.query[:, :, rows], self.key[:, :, : c + n], self.scale,
-                                      self.lse[:, :, rows], per_head)
+                                      self.lse[:, :, rows], per_head, lens)
         if granularity == "layer" and per_head == "kv_head":
             scores = scores.amax(1, keepdim=True)
         return scores
@@ -141,10 +186,10 @@ class Step:
     ----------
     cache : the cache the forward reads and updates.
     specs : per-layer model facts (:func:`compat.layer_specs`).
-    segments : ``[(name, length), ...]`` of the new tokens, in input order.
-    first_index : token index of each segment's first token (true positions, for ``origin``).
+    layout : :class:`Layout` of the new tokens.
+    first_index : Tensor ``[B]``, true token index of each segment's first real token per row.
     policy : the eviction policy, or ``None`` for no eviction in this forward.
-    scorer : name of the segment whose queries score the cache.
+    scorer : name of the segment whose queries score the cache (a row with none keeps all).
     keep : names of the segments whose states stay in the cache (the others are dropped).
     positions : ``"relative"`` (cache states at ``0 .. c-1``, new ones from ``c``) or ``"original"``.
     mirror : optional second cache that also receives the kept new states (CItruS individual).
@@ -155,8 +200,8 @@ class Step:
         self,
         cache: CitrusCache,
         specs: list[LayerSpec],
-        segments: list[tuple[str, int]],
-        first_index: int,
+        layout: Layout,
+        first_index: torch.Tensor,
         policy=None,
         scorer: str = "chunk",
         keep: tuple[str, ...] = (),
@@ -164,16 +209,12 @@ class Step:
         mirror: Optional[CitrusCache] = None,
         timings: Optional[dict[str, float]] = None,
     ) -> None:
-        self.cache, self.specs, self.segments = cache, specs, segments
+        self.cache, self.specs, self.layout = cache, specs, layout
         self.policy, self.scorer, self.keep, self.positions, self.mirror = policy, scorer, keep, positions, mirror
         self.timings = timings if timings is not None else defaultdict(float)
-        self.rows: dict[str, slice] = {}
-        start = 0
-        for name, n in segments:
-            self.rows[name] = slice(start, start + n)
-            start += n
-        self.offsets = torch.cat([torch.arange(n) for _, n in segments])
-        self.new_origin = first_index + self.offsets
+        self.new_origin = torch.where(layout.real, first_index[:, None] + layout.offsets, -1)
+        keep_segment = torch.tensor([name in keep for name, _ in layout.segments])
+        self.new_keep = layout.real & keep_segment[layout.segment_id][None, :]
         self.max_position = 0
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -181,27 +222,29 @@ class Step:
         """Attention of one layer (``key``/``value`` already hold the new states); returns ``[B, n, Hq, Dv]``."""
         layer, spec = self.cache.layers[layer_idx], self.specs[layer_idx]
         c, b, device = layer.stored, key.shape[0], key.device
+        lens = layer.lens
+        offsets = self.layout.offsets.to(device).clamp(min=0)
         if self.positions == "relative":
             cache_pos = torch.arange(c, device=device).expand(b, 1, c)
-            new_pos = (c + self.offsets).to(device)
+            new_pos = lens.to(device)[:, None] + offsets
         else:
-            cache_pos = layer.origin
-            new_pos = self.new_origin.to(device)
-        key_pos = torch.cat([cache_pos, new_pos.expand(b, cache_pos.shape[1], -1)], dim=-1)
-        self.max_position = max(self.max_position, int(key_pos.max()))
-        q = rotate(query, new_pos.expand(b, 1, -1), spec.inv_freq)
+            cache_pos = layer.origin.clamp(min=0)
+            new_pos = self.new_origin.to(device).clamp(min=0)
+        key_pos = torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
+        valid_new = new_pos[self.layout.real.to(device)]
+        valid_cache = cache_pos[torch.arange(c, device=device)[None, None] < lens.to(device)[:, None, None]]
+        self.max_position = max([self.max_position, int(valid_new.max())] + ([int(valid_cache.max())] if valid_cache.numel() else []))
+        q = rotate(query, new_pos[:, None], spec.inv_freq)
         k = rotate(key, key_pos, spec.inv_freq)
-        mask_key = (c, spec.window, query.dtype)
+        mask_key = (c, tuple(lens.tolist()), spec.window, query.dtype)
         if mask_key not in self._masks:
-            self._masks[mask_key] = block_mask(c, self.segments, spec.window, query.dtype, device)
+            self._masks[mask_key] = self.layout.mask(lens, c, spec.window, query.dtype, device)
         out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
-        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, self.rows, layer))
+        if not bool(self.layout.real.all()):
+            # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
+            lse = lse.masked_fill(~self.layout.real.to(device)[:, None, :], float("inf"))
+        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer))
         return out.transpose(1, 2).contiguous()
-
-    def _kept_rows(self) -> slice:
-        # The kept segments are contiguous in every layout the readers build (the chunk comes first).
-        kept = [self.rows[name] for name, _ in self.segments if name in self.keep]
-        return slice(kept[0].start, kept[-1].stop) if kept else slice(0, 0)
 
     def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
         layer, c = view.layer, view.cache_len
@@ -210,89 +253,95 @@ class Step:
             t0 = time.perf_counter()
             scores = self.policy.score(view, self.scorer)
             t1 = time.perf_counter()
-            kept = self.policy.select(scores, min(self.policy.budget, c))
+            kept = self.policy.select(scores, min(self.policy.budget, c), layer.lens)
+            # A row without scoring queries in this forward (it is not reading) keeps everything.
+            idle = (self.layout.count(self.scorer) == 0).to(kept.device)
+            if bool(idle.any()):
+                kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
+                kept = torch.where(idle[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
             self.timings["score"] += t1 - t0
             self.timings["topk"] += time.perf_counter() - t1
         t0 = time.perf_counter()
-        rows = self._kept_rows()
-        new = slice(c + rows.start, c + rows.stop)
-        origin_new = self.new_origin[rows].to(layer.origin.device)
+        new_keep = self.new_keep.to(layer.keys.device)
         if self.mirror is not None:
-            mirrored = (layer.keys[:, :, new], layer.values[:, :, new], origin_new)
-        compact_layer(layer, c, kept, new, origin_new, view.carry, spec.window)
+            new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], self.new_origin.to(layer.origin.device))
+        settle_layer(layer, c, kept, new_keep, self.new_origin.to(layer.origin.device), view.carry, spec.window)
         if self.mirror is not None:
-            append_states(self.mirror.layers[layer_idx], *mirrored, spec.window)
+            mirror = self.mirror.layers[layer_idx]
+            cache_len = mirror.stored
+            mirror.update(new_states[0], new_states[1])
+            settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window)
         self.timings["compact"] += time.perf_counter() - t0
 
 
-def _gather(per_state: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    # per_state [B, R0, c], kept [B, R, K] -> [B, max(R0, R), K]
-    rows = max(per_state.shape[1], kept.shape[1])
-    return per_state.expand(-1, rows, -1).gather(-1, kept.expand(-1, rows, -1))
+def valid_prefix(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` indices ``0 .. lens[b]-1`` then ``-1``."""
+    idx = torch.arange(width, device=lens.device).expand(len(lens), -1)
+    return torch.where(idx < lens[:, None], idx, -1)
 
 
-def compact_layer(
+def _gather(per_state: torch.Tensor, idx: torch.Tensor, fill) -> torch.Tensor:
+    # per_state [B, R0, L], idx [B, R, K] (-1 = empty) -> [B, max(R0, R), K]
+    rows = max(per_state.shape[1], idx.shape[1])
+    out = per_state.expand(-1, rows, -1).gather(-1, idx.clamp(min=0).expand(-1, rows, -1))
+    return out.masked_fill(idx.expand(-1, rows, -1) < 0, fill)
+
+
+def settle_layer(
     layer: CitrusLayer,
     cache_len: int,
     kept: Optional[torch.Tensor],
-    new: slice,
-    origin_new: torch.Tensor,
+    new_keep: torch.Tensor,
+    new_origin: torch.Tensor,
     carry: dict[str, torch.Tensor],
     window: Optional[int],
 ) -> None:
-    """Keep ``kept`` of the layer's first ``cache_len`` states (all if ``None``), then the ``new`` ones.
+    """Settle a layer after a forward: keep ``kept`` of its cache, then the new states ``new_keep``.
 
-    ``layer.keys``/``values`` hold ``cache_len`` settled states followed by a forward's new states,
-    of which the slice ``new`` stays. ``carry`` holds per-state values over all of them
-    (``[B, R, L]``) that are kept, like the states, in ``layer.aux``.
+    ``layer.keys``/``values`` hold the cache (width ``cache_len``, row ``b`` valid up to
+    ``layer.lens[b]``) followed by the forward's ``n`` new states. ``kept [B, R, K]`` lists the
+    cache states to keep in order (``-1`` = empty; ``None`` keeps every valid one);
+    ``new_keep [B, n]`` marks the new states to keep and ``new_origin [B, n]`` their token
+    indices. ``carry`` holds per-state values over cache and new states (``[B, R, cache_len + n]``),
+    kept in ``layer.aux``. A ``window`` keeps only the newest ``window - 1`` states of each row.
+    Rows end up left-aligned again (valid states first), padded to the longest row.
     """
-    b, total = layer.keys.shape[0], layer.keys.shape[2]
-    n_new = new.stop - new.start
+    device = layer.keys.device
+    total = layer.keys.shape[2]
+    n = total - cache_len
     if kept is None:
-        kept = torch.arange(cache_len, device=layer.keys.device).expand(b, 1, cache_len)
-    kept = kept.to(layer.keys.device)
-    if kept.shape[1] == 1 and kept.shape[-1] == cache_len and new == slice(cache_len, total):
-        # Nothing leaves: the keys already hold the cache and the new states in order.
+        kept = valid_prefix(layer.lens, cache_len)[:, None]
+    kept = kept.to(device)
+    new_idx = torch.where(new_keep, cache_len + torch.arange(n, device=device), -1)[:, None]
+    rows = kept.shape[1]
+    idx = torch.cat([kept, new_idx.expand(-1, rows, -1)], dim=-1)
+    # Move the empty slots (-1) behind the kept states of each row, preserving order.
+    idx = idx.gather(-1, torch.sort((idx < 0).to(torch.int8), dim=-1, stable=True).indices)
+    counts = (idx >= 0).sum(-1)
+    if window is not None:
+        start = (counts - (window - 1)).clamp(min=0)
+        take = start[..., None] + torch.arange(window - 1, device=device)
+        idx = torch.where(take < counts[..., None], idx.gather(-1, take.clamp(max=idx.shape[-1] - 1)), -1)
+        counts = (idx >= 0).sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    idx = idx[..., :width]
+    lens = counts.amax(1)
+    identity = rows == 1 and width == total and bool((idx == torch.arange(total, device=device)).all())
+    if identity:
         keys, values = layer.keys, layer.values
     else:
-        key_new = layer.keys[:, :, new] if n_new else None
-        value_new = layer.values[:, :, new] if n_new else None
-        keys, values = ops.compact_kv(layer.keys, layer.values, kept, key_new, value_new)
-    rows = max(layer.origin.shape[1], kept.shape[1])
-    origin = torch.cat([_gather(layer.origin, kept), origin_new.view(1, 1, -1).expand(b, rows, -1)], dim=-1)
+        keys, values = ops.compact_kv(layer.keys, layer.values, idx)
+    origin_all = torch.cat([layer.origin, new_origin.view(len(new_origin), 1, -1).expand(-1, layer.origin.shape[1], -1)], -1)
     aux = {}
     for name in set(layer.aux) | set(carry):
         if name in carry:
-            full = carry[name]
+            values_all = carry[name]
         else:  # states the policy did not score this time start from zero
             old = layer.aux[name]
-            full = torch.cat([old, old.new_zeros((*old.shape[:2], total - cache_len))], dim=-1)
-        aux[name] = torch.cat([_gather(full[..., :cache_len], kept), full[..., new]], dim=-1)
-    layer.keys, layer.values, layer.origin, layer.aux = keys, values, origin, aux
-    if window is not None:
-        trim_to_window(layer, window)
-
-
-def append_states(layer: CitrusLayer, key: torch.Tensor, value: torch.Tensor, origin: torch.Tensor,
-                  window: Optional[int]) -> None:
-    """Append settled states to ``layer`` (no eviction), then trim a windowed layer."""
-    if not layer.is_initialized:
-        layer.lazy_initialization(key, value)
-    layer.keys = torch.cat([layer.keys, key], dim=-2)
-    layer.values = torch.cat([layer.values, value], dim=-2)
-    layer.origin = torch.cat([layer.origin, origin.view(1, 1, -1).expand(layer.origin.shape[0], layer.origin.shape[1], -1)], -1)
-    layer.peak = max(layer.peak, layer.keys.shape[-2])
-    if window is not None:
-        trim_to_window(layer, window)
-
-
-def trim_to_window(layer: CitrusLayer, window: int) -> None:
-    """Keep the newest ``window - 1`` states: all that the next token can see."""
-    extra = layer.keys.shape[-2] - (window - 1)
-    if extra > 0:
-        layer.keys, layer.values = layer.keys[:, :, extra:], layer.values[:, :, extra:]
-        layer.origin = layer.origin[..., extra:]
-        layer.aux = {name: t[..., extra:] for name, t in layer.aux.items()}
+            values_all = torch.cat([old, old.new_zeros((*old.shape[:2], n))], dim=-1)
+        aux[name] = _gather(values_all, idx, 0.0)
+    layer.keys, layer.values = keys, values
+    layer.origin, layer.aux, layer.lens = _gather(origin_all, idx, -1), aux, lens
 
 
 def citrus_attention(

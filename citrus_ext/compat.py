@@ -105,6 +105,8 @@ class CitrusLayer(CacheLayerMixin):
         count is ``Hkv`` once a head-level selection made heads differ).
     aux : dict of Tensor ``[B, R, L]`` float32, per-state values a policy carries along (H2O's
         accumulated attention), compacted with the states.
+    lens : Tensor ``[B]`` int64, valid states per row: rows of a ragged batch hold their states
+        first and padding (origin ``-1``) after, up to the width ``L``.
     peak : int, the most states this layer ever held (including a forward's new states).
     """
 
@@ -115,6 +117,7 @@ class CitrusLayer(CacheLayerMixin):
         super().__init__()
         self.origin: Optional[torch.Tensor] = None
         self.aux: dict[str, torch.Tensor] = {}
+        self.lens: Optional[torch.Tensor] = None
         self.peak = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -123,6 +126,7 @@ class CitrusLayer(CacheLayerMixin):
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         self.origin = torch.empty((b, 1, 0), dtype=torch.long, device=self.device)
+        self.lens = torch.zeros(b, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -136,7 +140,7 @@ class CitrusLayer(CacheLayerMixin):
 
     @property
     def stored(self) -> int:
-        """Number of settled states (those with an origin), excluding a forward's pending ones."""
+        """Width of the settled states (those with an origin), excluding a forward's pending ones."""
         return 0 if self.origin is None else self.origin.shape[-1]
 
     def get_seq_length(self) -> int:

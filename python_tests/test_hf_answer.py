@@ -107,7 +107,30 @@ def test_batch_equals_single():
         single = citrus_ext.answer(model, tok, d, q, budget=20, chunk_size=16, max_new_tokens=6)
         assert batch.token_ids[i] == single.token_ids
         assert batch.text[i] == single.text
-    assert len(batch.stats["rows"]) == 2
+    assert len(batch.stats["rows"]) == 2 and batch.stats["tokens_read"] == [r["tokens_read"] for r in batch.stats["rows"]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_ragged_batch_keeps_what_each_row_keeps_alone(method, kind):
+    if kind == "gemma3" and method not in ("cse", "citrus_shared", "citrus_individual"):
+        pytest.skip("the sliding-window layers are policy-independent")
+    model = tiny_model(kind)
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.randint(6, 1000, (n,), generator=g) for n in (75, 30, 52)]
+    instrs = [torch.randint(6, 1000, (n,), generator=g) for n in (5, 9, 3)]
+    options = {"granularity": "kv_head"} if method == "tova" else {}
+    batch = ChunkedReader(model, make_policy(method, 12, **options), chunk_size=8)
+    batch.read(docs, instrs)
+    batch_tokens = batch.generate(instrs, 6, eos={2})
+    for b, (doc, instr) in enumerate(zip(docs, instrs)):
+        alone = ChunkedReader(model, make_policy(method, 12, **options), chunk_size=8)
+        alone.read(doc[None], instr[None])
+        assert alone.generate(instr[None], 6, eos={2})[0] == batch_tokens[b]
+        for layer_b, layer_1 in zip(batch.answer_cache.layers, alone.answer_cache.layers):
+            n = int(layer_b.lens[b])
+            assert torch.equal(layer_b.origin[b, :, :n], layer_1.origin[0])
+            torch.testing.assert_close(layer_b.keys[b, :, :n], layer_1.keys[0], rtol=1e-4, atol=1e-5)
 
 
 def test_chat_template_split():

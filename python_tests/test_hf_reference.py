@@ -37,7 +37,7 @@ def test_same_kept_states_and_tokens_as_reference(kind, method, chunk_size, budg
         history.append(fast_snapshot(reader))
     reader.prune(instruction[None])
     history.append(fast_snapshot(reader))
-    tokens = reader.decode(reader.encode_instruction(instruction[None]), 10, eos)
+    tokens = reader.decode(reader.encode_instruction(instruction[None]), 10, eos)[0]
 
     assert len(history) == len(ref.history)
     for step, (fast, slow) in enumerate(zip(history, ref.history)):

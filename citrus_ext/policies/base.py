@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..attention import valid_prefix
 
 GRANULARITIES = ("layer", "kv_head")
 REDUCTIONS = ("mean", "max")
@@ -76,14 +77,15 @@ class Policy:
         """Scores ``[B, 1 or Hkv, c]`` of the cache (SPEC's mean attention of the scoring queries)."""
         return view.attention(self.scoring_rows(view, segment), self.granularity, self.head_reduce, self.query_reduce)
 
-    def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        """Indices ``[B, R, keep]`` (ascending) of the states to keep, from ``scores [B, R, c]``."""
+    def select(self, scores: torch.Tensor, keep: int, lengths: torch.Tensor) -> torch.Tensor:
+        """Indices ``[B, R, keep]`` (ascending) of the states to keep, from ``scores [B, R, c]`` of
+        which row ``b`` has ``lengths[b]`` valid ones; ``-1`` fills the slots of shorter rows."""
         b, r, c = scores.shape
         if keep >= c:
-            return torch.arange(c, device=scores.device).expand(b, 1, c)
+            return valid_prefix(lengths, c)[:, None]
         if self.pool > 1:
             scores = F.max_pool1d(scores.reshape(b * r, 1, c), self.pool, stride=1, padding=self.pool // 2).view(b, r, c)
         if self.sinks:
             scores = scores.clone()
             scores[..., : self.sinks] = float("inf")
-        return ops.segmented_topk(scores.reshape(b * r, c), keep).view(b, r, keep)
+        return ops.segmented_topk(scores.reshape(b * r, c), keep, lengths.repeat_interleave(r)).view(b, r, keep)

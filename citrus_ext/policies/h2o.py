@@ -39,8 +39,9 @@ class H2O(Policy):
         scores = total[..., :c]
         recent = self.budget // 2 if self.recent is None else self.recent
         if recent:
-            scores = scores.clone()
-            scores[..., max(0, c - recent):] = float("inf")
+            index = torch.arange(c, device=scores.device)
+            newest = index[None, :] >= (view.cache_lens.to(scores.device)[:, None] - recent)
+            scores = scores.masked_fill(newest[:, None, :], float("inf"))
         return scores if self.granularity == "kv_head" else scores.mean(1, keepdim=True)
 
     @staticmethod
