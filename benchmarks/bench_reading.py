@@ -85,21 +85,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = smollm2_shaped_model(getattr(torch, args.dtype))
 
-    rows = []
-    header = f"{'method':<18}{'tokens':>7}{'wall s':>9}{'read tok/s':>11}{'score %':>9}{'topk %':>8}{'compact %':>10}{'evict %':>9}{'peak':>6}"
-    print(header, flush=True)
-    for length in args.lengths:
-        for method in args.methods:
-            if method == "full" and length > args.full_max:
-                continue
-            r = run_one(model, method, length, args)
-            rows.append(r)
-            share = {k: 100 * r[f"{k}_s"] / r["wall_s"] for k in ("score", "topk", "compact")}
-            print(f"{method:<18}{length:>7}{r['wall_s']:>9.1f}{r['tokens_per_s']:>11.0f}{share['score']:>9.2f}"
-                  f"{share['topk']:>8.2f}{share['compact']:>10.2f}{100 * r['eviction_share']:>9.2f}{r['peak_states']:>6}",
-                  flush=True)
-
     now = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or Path(__file__).parent / "results" / f"bench_reading_{now:%Y%m%d_%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "bench_reading",
         "date": now.isoformat(timespec="seconds"),
@@ -107,12 +95,23 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "model": "SmolLM2-135M-shaped random LlamaForCausalLM",
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "rows": rows,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": [],
     }
-    out = args.out or Path(__file__).parent / "results" / f"bench_reading_{now:%Y%m%d_%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    header = f"{'method':<18}{'tokens':>7}{'wall s':>9}{'read tok/s':>11}{'score %':>9}{'topk %':>8}{'compact %':>10}{'evict %':>9}{'peak':>6}"
+    print(header, flush=True)
+    for length in args.lengths:
+        for method in args.methods:
+            if method == "full" and length > args.full_max:
+                continue
+            r = run_one(model, method, length, args)
+            share = {k: 100 * r[f"{k}_s"] / r["wall_s"] for k in ("score", "topk", "compact")}
+            print(f"{method:<18}{length:>7}{r['wall_s']:>9.1f}{r['tokens_per_s']:>11.0f}{share['score']:>9.2f}"
+                  f"{share['topk']:>8.2f}{share['compact']:>10.2f}{100 * r['eviction_share']:>9.2f}{r['peak_states']:>6}",
+                  flush=True)
+            # Written after every run, so a long sweep that is cut short keeps what it measured.
+            result["rows"].append(r)
+            out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
 
