@@ -98,7 +98,8 @@ def main() -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": [],
     }
-    header = f"{'method':<18}{'tokens':>7}{'wall s':>9}{'read tok/s':>11}{'score %':>9}{'topk %':>8}{'compact %':>10}{'evict %':>9}{'peak':>6}"
+    header = (f"{'method':<18}{'tokens':>7}{'wall s':>9}{'read tok/s':>11}{'score %':>9}{'topk %':>8}"
+              f"{'compact %':>10}{'evict %':>9}{'peak':>6}")
     print(header, flush=True)
     for length in args.lengths:
         for method in args.methods:
@@ -107,7 +108,8 @@ def main() -> None:
             r = run_one(model, method, length, args)
             share = {k: 100 * r[f"{k}_s"] / r["wall_s"] for k in ("score", "topk", "compact")}
             print(f"{method:<18}{length:>7}{r['wall_s']:>9.1f}{r['tokens_per_s']:>11.0f}{share['score']:>9.2f}"
-                  f"{share['topk']:>8.2f}{share['compact']:>10.2f}{100 * r['eviction_share']:>9.2f}{r['peak_states']:>6}",
+                  f"{share['topk']:>8.2f}{share['compact']:>10.2f}{100 * r['eviction_share']:>9.2f}"
+                  f"{r['peak_states']:>6}",
                   flush=True)
             # Written after every run, so a long sweep that is cut short keeps what it measured.
             result["rows"].append(r)

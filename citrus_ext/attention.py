@@ -43,8 +43,10 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output ``[B, Hq, Lq, Dv]`` and log-sum-exp ``[B, Hq, Lq]`` (float32).
 
-    ``mask`` is additive, ``[1, 1, Lq, L]`` in the query dtype. The ``G = Hq / Hkv`` query heads of
-    a KV group are stacked as ``G * Lq`` rows against the group's keys, with the mask tiled.
+    ``mask`` is additive, ``[B, 1, Lq, L]`` in the query dtype. The ``G = Hq / Hkv`` query heads of
+    a KV group are stacked as ``G * Lq`` rows against the group's keys, with the mask tiled. On
+    CPU this is the flash kernel; elsewhere the memory-efficient kernel (whose lse is padded, and
+    which the CPU-only tests of this branch do not exercise).
     """
     b, hq, lq, d = query.shape
     hkv = key.shape[1]
@@ -59,6 +61,7 @@ def attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             stacked, key, value, tiled.expand(b, hkv, g * lq, -1), True, scale=scale
         )[:2]
+        lse = lse[..., : g * lq]
     return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
 
 
@@ -110,7 +113,8 @@ class Layout:
         off, real = self.offsets.to(device), self.real.to(device)
         lens = cache_lens.to(device)[:, None]
         same = self.segment_id.to(device)
-        own = (same[:, None] == same[None, :]) & (off[:, None, :] <= off[:, :, None]) & real[:, None, :] & real[:, :, None]
+        own = (same[:, None] == same[None, :]) & (off[:, None, :] <= off[:, :, None])
+        own &= real[:, None, :] & real[:, :, None]
         cache = (torch.arange(cache_width, device=device)[None, None, :] < lens[:, :, None]) & real[:, :, None]
         visible = torch.cat([cache.expand(-1, off.shape[1], -1), own], dim=2)
         if window is not None:
@@ -231,9 +235,10 @@ class Step:
             cache_pos = layer.origin.clamp(min=0)
             new_pos = self.new_origin.to(device).clamp(min=0)
         key_pos = torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
-        valid_new = new_pos[self.layout.real.to(device)]
-        valid_cache = cache_pos[torch.arange(c, device=device)[None, None] < lens.to(device)[:, None, None]]
-        self.max_position = max([self.max_position, int(valid_new.max())] + ([int(valid_cache.max())] if valid_cache.numel() else []))
+        # Positions actually used (pads excluded), reported so tests can check they stay in range.
+        used = torch.cat([new_pos[self.layout.real.to(device)],
+                          cache_pos[torch.arange(c, device=device)[None, None] < lens.to(device)[:, None, None]]])
+        self.max_position = max(self.max_position, int(used.max()))
         q = rotate(query, new_pos[:, None], spec.inv_freq)
         k = rotate(key, key_pos, spec.inv_freq)
         mask_key = (c, tuple(lens.tolist()), spec.window, query.dtype)
@@ -331,7 +336,8 @@ def settle_layer(
         keys, values = layer.keys, layer.values
     else:
         keys, values = ops.compact_kv(layer.keys, layer.values, idx)
-    origin_all = torch.cat([layer.origin, new_origin.view(len(new_origin), 1, -1).expand(-1, layer.origin.shape[1], -1)], -1)
+    new_origin = new_origin.view(len(new_origin), 1, -1).expand(-1, layer.origin.shape[1], -1)
+    origin_all = torch.cat([layer.origin, new_origin], dim=-1)
     aux = {}
     for name in set(layer.aux) | set(carry):
         if name in carry:
@@ -362,7 +368,8 @@ def citrus_attention(
     the CItruS block mask itself).
     """
     if citrus_step is None:
-        return compat.plain_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return compat.plain_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return citrus_step.attend(module.layer_idx, query, key, value, scale), None
 

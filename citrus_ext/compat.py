@@ -55,10 +55,13 @@ def check_supported(model: torch.nn.Module) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"citrus: `model` of type {model_type!r} is not supported; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"citrus: `model` of type {model_type!r} is not supported; "
+            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if not model._can_set_attn_implementation():
-        raise ValueError(f"citrus: `model` ({type(model).__name__}) does not route attention through AttentionInterface")
+        raise ValueError(
+            f"citrus: `model` ({type(model).__name__}) does not route attention through AttentionInterface"
+        )
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("citrus: `model` uses attention logit soft-capping, which the lse-based scores do not model")
     rope = getattr(config, "rope_parameters", None) or {}

@@ -107,7 +107,8 @@ def test_batch_equals_single():
         single = citrus_ext.answer(model, tok, d, q, budget=20, chunk_size=16, max_new_tokens=6)
         assert batch.token_ids[i] == single.token_ids
         assert batch.text[i] == single.text
-    assert len(batch.stats["rows"]) == 2 and batch.stats["tokens_read"] == [r["tokens_read"] for r in batch.stats["rows"]]
+    assert len(batch.stats["rows"]) == 2
+    assert batch.stats["tokens_read"] == [r["tokens_read"] for r in batch.stats["rows"]]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -84,7 +84,8 @@ class Policy:
         if keep >= c:
             return valid_prefix(lengths, c)[:, None]
         if self.pool > 1:
-            scores = F.max_pool1d(scores.reshape(b * r, 1, c), self.pool, stride=1, padding=self.pool // 2).view(b, r, c)
+            pooled = F.max_pool1d(scores.reshape(b * r, 1, c), self.pool, stride=1, padding=self.pool // 2)
+            scores = pooled.view(b, r, c)
         if self.sinks:
             scores = scores.clone()
             scores[..., : self.sinks] = float("inf")
