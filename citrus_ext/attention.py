@@ -43,8 +43,9 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output ``[B, Hq, Lq, Dv]`` and log-sum-exp ``[B, Hq, Lq]`` (float32).
 
-    ``mask`` is additive, ``[B, 1, Lq, L]`` in the query dtype. The ``G = Hq / Hkv`` query heads of
-    a KV group are stacked as ``G * Lq`` rows against the group's keys, with the mask tiled. On
+    ``mask`` is additive, ``[B, 1, G * Lq, L]`` in the query dtype: the ``G = Hq / Hkv`` query heads
+    of a KV group are stacked as ``G * Lq`` rows against the group's keys, so the mask of one
+    head is tiled ``G`` times (:meth:`Layout.mask`). On
     CPU this is the flash kernel; elsewhere the memory-efficient kernel (whose lse is padded, and
     which the CPU-only tests of this branch do not exercise).
     """
@@ -52,14 +53,13 @@ def attention_with_lse(
     hkv = key.shape[1]
     g = hq // hkv
     stacked = query.reshape(b, hkv, g * lq, d)
-    tiled = mask.repeat(1, 1, g, 1) if g > 1 else mask
     if query.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            stacked, key, value, 0.0, False, attn_mask=tiled, scale=scale
+            stacked, key, value, 0.0, False, attn_mask=mask, scale=scale
         )
     else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            stacked, key, value, tiled.expand(b, hkv, g * lq, -1), True, scale=scale
+            stacked, key, value, mask.expand(b, hkv, g * lq, -1), True, scale=scale
         )[:2]
         lse = lse[..., : g * lq]
     return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
@@ -102,8 +102,9 @@ class Layout:
         """Real tokens of segment ``name`` per row, ``[B]``."""
         return self.lengths[:, [n for n, _ in self.segments].index(name)]
 
-    def mask(self, cache_lens: torch.Tensor, cache_width: int, window: Optional[int], dtype, device) -> torch.Tensor:
-        """Additive mask ``[B, 1, n, cache_width + n]``.
+    def mask(self, cache_lens: torch.Tensor, cache_width: int, window: Optional[int], group: int, dtype,
+             device) -> torch.Tensor:
+        """Additive mask ``[B, 1, group * n, cache_width + n]`` (tiled for ``group`` stacked heads).
 
         A real token sees its row's valid cache and, causally, the real tokens of its own segment
         (so the instruction never sees the chunk beside it); every segment starts right after the
@@ -123,8 +124,8 @@ class Layout:
             visible &= (query_pos[:, :, None] - key_pos[:, None, :]) < window
         n = off.shape[1]
         visible[:, torch.arange(n), cache_width + torch.arange(n)] |= ~real
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-        return mask.masked_fill_(~visible, float("-inf"))[:, None]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        return mask[:, None].repeat(1, 1, group, 1)
 
 
 @dataclass
@@ -241,9 +242,10 @@ class Step:
         self.max_position = max(self.max_position, int(used.max()))
         q = rotate(query, new_pos[:, None], spec.inv_freq)
         k = rotate(key, key_pos, spec.inv_freq)
-        mask_key = (c, tuple(lens.tolist()), spec.window, query.dtype)
+        group = query.shape[1] // key.shape[1]
+        mask_key = (c, tuple(lens.tolist()), spec.window, group, query.dtype)
         if mask_key not in self._masks:
-            self._masks[mask_key] = self.layout.mask(lens, c, spec.window, query.dtype, device)
+            self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
         out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
         if not bool(self.layout.real.all()):
             # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.

@@ -210,3 +210,19 @@ def test_custom_loop_with_the_evict_op():
     shares = reader.retention(range(28, 32))
     assert len(shares) == 2 and all(0.0 <= float(s) <= 1.0 for s in shares)
     assert reader.decode(reader.encode_instruction(ids[:, 32:]), 3, eos=()) is not None
+
+
+def test_streaming_llm_keeps_sinks_and_recent_states():
+    model = tiny_model("llama")
+    ids = torch.randint(6, 1000, (1, 64), generator=torch.Generator().manual_seed(12))
+    reader = ChunkedReader(model, make_policy("streaming_llm", 10), chunk_size=8)
+    reader.read(ids[:, :60], ids[:, 60:])
+    expected = [0, 1, 2, 3] + list(range(50, 56)) + list(range(56, 60))
+    assert all(layer.origin[0, 0].tolist() == expected for layer in reader.cache.layers)
+
+
+def test_tqdm_progress():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    got = citrus_ext.answer(model, tok, random_text(40), "q", method="tova", budget=8, chunk_size=16,
+                            max_new_tokens=1, progress=True)
+    assert got.stats["chunks"] == 3
