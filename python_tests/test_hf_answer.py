@@ -226,3 +226,16 @@ def test_tqdm_progress():
     got = citrus_ext.answer(model, tok, random_text(40), "q", method="tova", budget=8, chunk_size=16,
                             max_new_tokens=1, progress=True)
     assert got.stats["chunks"] == 3
+
+
+def test_scaled_rope_equals_generate():
+    # YaRN scales cos/sin by attention_scaling != 1; the identity RoPE position must carry it.
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    model, tok = tiny_model("llama", rope_parameters=rope), char_tokenizer()
+    model = type(model)(model.config).eval()  # rebuild so the rotary embedding reads the new rope
+    assert model.model.rotary_emb.attention_scaling != 1.0
+    document, instruction = random_text(120, seed=13), "where?"
+    expected = plain_generate(model, tok, document, instruction, 8)
+    got = citrus_ext.answer(model, tok, document, instruction, method="cse", budget=500, chunk_size=32,
+                            max_new_tokens=8)
+    assert got.token_ids == expected
