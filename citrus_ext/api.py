@@ -49,7 +49,10 @@ def split_prompt(tokenizer, document: str, instruction: str) -> tuple[list[int],
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{document}\n\n{instruction}"}], tokenize=False, add_generation_prompt=True
         )
-        cut = prompt.index(document) + len(document)
+        body = document if document in prompt else document.strip()  # some templates strip the content
+        if body not in prompt:
+            raise ValueError("citrus: the chat template rewrote `document`; cannot split the prompt")
+        cut = prompt.index(body) + len(body)
         head, tail = prompt[:cut], prompt[cut:]
         return tokenizer(head, add_special_tokens=False).input_ids, tokenizer(tail, add_special_tokens=False).input_ids
     return tokenizer(document).input_ids, tokenizer(f"\n\n{instruction}", add_special_tokens=False).input_ids
