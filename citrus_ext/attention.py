@@ -1,0 +1,379 @@
+"""The CItruS attention function: RoPE at current positions, attention + lse, then eviction.
+
+A reader attaches a :class:`Step` to a forward (keyword ``citrus_step``, which transformers passes
+through to the attention function). For every layer the step
+
+1. rotates the un-rotated queries and keys (the model's own RoPE was made the identity) at
+   their current positions, so a key that survived any number of evictions is rotated afresh;
+2. computes the attention output and each query's log-sum-exp with one SDPA-style kernel,
+   stacking a KV group's query heads as rows (no repeated KV heads);
+3. lets the policy score the cache from that lse (``citrus_ext.ops.chunk_scores``), keeps the
+   top states (``segmented_topk``) and compacts them with the new states it keeps
+   (``compact_kv``), right after the layer's attention.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import compat, ops
+from .compat import CitrusCache, CitrusLayer, LayerSpec
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE (rotate-half convention) to ``x [B, H, L, D]`` at ``positions [B, 1 or H, L]``.
+
+    cos/sin are computed in float32 from the integer positions and cast to ``x``'s dtype, as the
+    transformers models do, so a fresh rotation matches the model's own bit for bit.
+    """
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(x.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, Hq, Lq, Dv]`` and log-sum-exp ``[B, Hq, Lq]`` (float32).
+
+    ``mask`` is additive, ``[B, 1, G * Lq, L]`` in the query dtype: the ``G = Hq / Hkv`` query heads
+    of a KV group are stacked as ``G * Lq`` rows against the group's keys, so the mask of one
+    head is tiled ``G`` times (:meth:`Layout.mask`). On
+    CPU this is the flash kernel; elsewhere the memory-efficient kernel (whose lse is padded, and
+    which the CPU-only tests of this branch do not exercise).
+    """
+    b, hq, lq, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    stacked = query.reshape(b, hkv, g * lq, d)
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            stacked, key, value, 0.0, False, attn_mask=mask, scale=scale
+        )
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            stacked, key, value, mask.expand(b, hkv, g * lq, -1), True, scale=scale
+        )[:2]
+        lse = lse[..., : g * lq]
+    return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
+
+
+@dataclass
+class Layout:
+    """Where the new tokens of a forward sit, for a batch of ragged rows.
+
+    The new tokens form named segments (e.g. the chunk, then the instruction), each padded to the
+    longest row on the *left*, so the last rows of a segment are real tokens in every row.
+
+    Attributes
+    ----------
+    segments : ``[(name, width), ...]``, padded widths in input order.
+    lengths : Tensor ``[B, S]`` int64, real tokens of each segment per row.
+    offsets : Tensor ``[B, n]`` int64, position of a new token inside its segment (pads < 0).
+    segment_id : Tensor ``[n]`` int64.
+    """
+
+    segments: list[tuple[str, int]]
+    lengths: torch.Tensor
+
+    def __post_init__(self) -> None:
+        offsets, ids = [], []
+        for s, (_, width) in enumerate(self.segments):
+            pad = width - self.lengths[:, s : s + 1]
+            offsets.append(torch.arange(width)[None, :] - pad)
+            ids.append(torch.full((width,), s))
+        self.offsets = torch.cat(offsets, dim=1)
+        self.segment_id = torch.cat(ids)
+        self.real = self.offsets >= 0
+        self.rows = {}
+        start = 0
+        for name, width in self.segments:
+            self.rows[name] = slice(start, start + width)
+            start += width
+
+    def count(self, name: str) -> torch.Tensor:
+        """Real tokens of segment ``name`` per row, ``[B]``."""
+        return self.lengths[:, [n for n, _ in self.segments].index(name)]
+
+    def mask(self, cache_lens: torch.Tensor, cache_width: int, window: Optional[int], group: int, dtype,
+             device) -> torch.Tensor:
+        """Additive mask ``[B, 1, group * n, cache_width + n]`` (tiled for ``group`` stacked heads).
+
+        A real token sees its row's valid cache and, causally, the real tokens of its own segment
+        (so the instruction never sees the chunk beside it); every segment starts right after the
+        cache. With a ``window`` a query sees keys fewer than ``window`` positions behind it. A pad
+        query sees only itself (its output is unused; this keeps its softmax finite).
+        """
+        off, real = self.offsets.to(device), self.real.to(device)
+        lens = cache_lens.to(device)[:, None]
+        same = self.segment_id.to(device)
+        own = (same[:, None] == same[None, :]) & (off[:, None, :] <= off[:, :, None])
+        own &= real[:, None, :] & real[:, :, None]
+        cache = (torch.arange(cache_width, device=device)[None, None, :] < lens[:, :, None]) & real[:, :, None]
+        visible = torch.cat([cache.expand(-1, off.shape[1], -1), own], dim=2)
+        if window is not None:
+            query_pos = lens + off
+            key_pos = torch.cat([torch.arange(cache_width, device=device).expand(len(lens), -1), lens + off], dim=1)
+            visible &= (query_pos[:, :, None] - key_pos[:, None, :]) < window
+        n = off.shape[1]
+        visible[:, torch.arange(n), cache_width + torch.arange(n)] |= ~real
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        return mask[:, None].repeat(1, 1, group, 1)
+
+
+@dataclass
+class ScoreView:
+    """What a policy sees of one layer's forward when it scores the cache.
+
+    Attributes
+    ----------
+    query : Tensor ``[B, Hq, n, D]``, the new tokens' rotated queries.
+    key : Tensor ``[B, Hkv, c + n, D]``, rotated keys (cache, padded to width ``c``, then new).
+    lse : Tensor ``[B, Hq, n]`` float32, each query's log-sum-exp.
+    scale : float, the attention scale.
+    cache_len : int, ``c``, the cache width (rows may hold fewer valid states).
+    cache_lens : Tensor ``[B]``, valid cache states per row.
+    segments : dict mapping a segment name to its slice of the new rows.
+    layer : the layer's cache (for state a policy carries, e.g. H2O's accumulator).
+    carry : per-state float tensors ``[B, R, c + n]`` a policy wants compacted with the states.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    lse: torch.Tensor
+    scale: float
+    cache_len: int
+    cache_lens: torch.Tensor
+    segments: dict[str, slice]
+    layer: CitrusLayer
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def attention(self, rows: slice, granularity: str, head_reduce: str = "mean", query_reduce: str = "mean"):
+        """SPEC's score of the cache for the query ``rows``: ``[B, 1 or Hkv, c]`` float32.
+
+        Pad queries carry an infinite lse, so they add nothing: a row with padding gets its scores
+        scaled by a constant, which leaves its ranking unchanged. ``head_reduce="max"`` (layer
+        granularity) takes the max over KV heads of each head's group mean; ``query_reduce="max"``
+        the max over queries instead of the mean.
+        """
+        per_head = granularity if head_reduce == "mean" else "kv_head"
+        c = self.cache_len
+        lens = None if bool((self.cache_lens == c).all()) else self.cache_lens
+        if query_reduce == "max":
+            scores = torch.stack(
+                [
+                    ops.chunk_scores(self.query[:, :, t : t + 1], self.key[:, :, : c + 1], self.scale,
+                                     self.lse[:, :, t : t + 1], per_head, lens)
+                    for t in range(rows.start, rows.stop)
+                ]
+            ).amax(0)
+        else:
+            n = rows.stop - rows.start
+            # With lse given only the first c key columns are read, so any n columns may follow them.
+            scores = ops.chunk_scores(self.query[:, :, rows], self.key[:, :, : c + n], self.scale,
+                                      self.lse[:, :, rows], per_head, lens)
+        if granularity == "layer" and per_head == "kv_head":
+            scores = scores.amax(1, keepdim=True)
+        return scores
+
+
+class Step:
+    """One forward of a reader: the new tokens' layout and what happens after each layer's attention.
+
+    Parameters
+    ----------
+    cache : the cache the forward reads and updates.
+    specs : per-layer model facts (:func:`compat.layer_specs`).
+    layout : :class:`Layout` of the new tokens.
+    first_index : Tensor ``[B]``, true token index of each segment's first real token per row.
+    policy : the eviction policy, or ``None`` for no eviction in this forward.
+    scorer : name of the segment whose queries score the cache (a row with none keeps all).
+    keep : names of the segments whose states stay in the cache (the others are dropped).
+    positions : ``"relative"`` (cache states at ``0 .. c-1``, new ones from ``c``) or ``"original"``.
+    mirror : optional second cache that also receives the kept new states (CItruS individual).
+    timings : dict accumulating seconds of ``score``, ``topk`` and ``compact``.
+    """
+
+    def __init__(
+        self,
+        cache: CitrusCache,
+        specs: list[LayerSpec],
+        layout: Layout,
+        first_index: torch.Tensor,
+        policy=None,
+        scorer: str = "chunk",
+        keep: tuple[str, ...] = (),
+        positions: str = "relative",
+        mirror: Optional[CitrusCache] = None,
+        timings: Optional[dict[str, float]] = None,
+    ) -> None:
+        self.cache, self.specs, self.layout = cache, specs, layout
+        self.policy, self.scorer, self.keep, self.positions, self.mirror = policy, scorer, keep, positions, mirror
+        self.timings = timings if timings is not None else defaultdict(float)
+        self.new_origin = torch.where(layout.real, first_index[:, None] + layout.offsets, -1)
+        keep_segment = torch.tensor([name in keep for name, _ in layout.segments])
+        self.new_keep = layout.real & keep_segment[layout.segment_id][None, :]
+        self.max_position = 0
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+        """Attention of one layer (``key``/``value`` already hold the new states); returns ``[B, n, Hq, Dv]``."""
+        layer, spec = self.cache.layers[layer_idx], self.specs[layer_idx]
+        c, b, device = layer.stored, key.shape[0], key.device
+        lens = layer.lens
+        offsets = self.layout.offsets.to(device).clamp(min=0)
+        if self.positions == "relative":
+            cache_pos = torch.arange(c, device=device).expand(b, 1, c)
+            new_pos = lens.to(device)[:, None] + offsets
+        else:
+            cache_pos = layer.origin.clamp(min=0)
+            new_pos = self.new_origin.to(device).clamp(min=0)
+        key_pos = torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
+        # Positions actually used (pads excluded), reported so tests can check they stay in range.
+        used = torch.cat([new_pos[self.layout.real.to(device)],
+                          cache_pos[torch.arange(c, device=device)[None, None] < lens.to(device)[:, None, None]]])
+        self.max_position = max(self.max_position, int(used.max()))
+        q = rotate(query, new_pos[:, None], spec.inv_freq)
+        k = rotate(key, key_pos, spec.inv_freq)
+        group = query.shape[1] // key.shape[1]
+        mask_key = (c, tuple(lens.tolist()), spec.window, group, query.dtype)
+        if mask_key not in self._masks:
+            self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
+        out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
+        if not bool(self.layout.real.all()):
+            # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
+            lse = lse.masked_fill(~self.layout.real.to(device)[:, None, :], float("inf"))
+        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer))
+        return out.transpose(1, 2).contiguous()
+
+    def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
+        layer, c = view.layer, view.cache_len
+        kept = None
+        if self.policy is not None and not spec.plain_window and c > 0:
+            t0 = time.perf_counter()
+            scores = self.policy.score(view, self.scorer)
+            t1 = time.perf_counter()
+            kept = self.policy.select(scores, min(self.policy.budget, c), layer.lens)
+            # A row without scoring queries in this forward (it is not reading) keeps everything.
+            idle = (self.layout.count(self.scorer) == 0).to(kept.device)
+            if bool(idle.any()):
+                kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
+                kept = torch.where(idle[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
+            self.timings["score"] += t1 - t0
+            self.timings["topk"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        new_keep = self.new_keep.to(layer.keys.device)
+        if self.mirror is not None:
+            new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], self.new_origin.to(layer.origin.device))
+        settle_layer(layer, c, kept, new_keep, self.new_origin.to(layer.origin.device), view.carry, spec.window)
+        if self.mirror is not None:
+            mirror = self.mirror.layers[layer_idx]
+            cache_len = mirror.stored
+            mirror.update(new_states[0], new_states[1])
+            settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window)
+        self.timings["compact"] += time.perf_counter() - t0
+
+
+def valid_prefix(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` indices ``0 .. lens[b]-1`` then ``-1``."""
+    idx = torch.arange(width, device=lens.device).expand(len(lens), -1)
+    return torch.where(idx < lens[:, None], idx, -1)
+
+
+def _gather(per_state: torch.Tensor, idx: torch.Tensor, fill) -> torch.Tensor:
+    # per_state [B, R0, L], idx [B, R, K] (-1 = empty) -> [B, max(R0, R), K]
+    rows = max(per_state.shape[1], idx.shape[1])
+    out = per_state.expand(-1, rows, -1).gather(-1, idx.clamp(min=0).expand(-1, rows, -1))
+    return out.masked_fill(idx.expand(-1, rows, -1) < 0, fill)
+
+
+def settle_layer(
+    layer: CitrusLayer,
+    cache_len: int,
+    kept: Optional[torch.Tensor],
+    new_keep: torch.Tensor,
+    new_origin: torch.Tensor,
+    carry: dict[str, torch.Tensor],
+    window: Optional[int],
+) -> None:
+    """Settle a layer after a forward: keep ``kept`` of its cache, then the new states ``new_keep``.
+
+    ``layer.keys``/``values`` hold the cache (width ``cache_len``, row ``b`` valid up to
+    ``layer.lens[b]``) followed by the forward's ``n`` new states. ``kept [B, R, K]`` lists the
+    cache states to keep in order (``-1`` = empty; ``None`` keeps every valid one);
+    ``new_keep [B, n]`` marks the new states to keep and ``new_origin [B, n]`` their token
+    indices. ``carry`` holds per-state values over cache and new states (``[B, R, cache_len + n]``),
+    kept in ``layer.aux``. A ``window`` keeps only the newest ``window - 1`` states of each row.
+    Rows end up left-aligned again (valid states first), padded to the longest row.
+    """
+    device = layer.keys.device
+    total = layer.keys.shape[2]
+    n = total - cache_len
+    if kept is None:
+        kept = valid_prefix(layer.lens, cache_len)[:, None]
+    kept = kept.to(device)
+    new_idx = torch.where(new_keep, cache_len + torch.arange(n, device=device), -1)[:, None]
+    rows = kept.shape[1]
+    idx = torch.cat([kept, new_idx.expand(-1, rows, -1)], dim=-1)
+    # Move the empty slots (-1) behind the kept states of each row, preserving order.
+    idx = idx.gather(-1, torch.sort((idx < 0).to(torch.int8), dim=-1, stable=True).indices)
+    counts = (idx >= 0).sum(-1)
+    if window is not None:
+        start = (counts - (window - 1)).clamp(min=0)
+        take = start[..., None] + torch.arange(window - 1, device=device)
+        idx = torch.where(take < counts[..., None], idx.gather(-1, take.clamp(max=idx.shape[-1] - 1)), -1)
+        counts = (idx >= 0).sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    idx = idx[..., :width]
+    lens = counts.amax(1)
+    identity = rows == 1 and width == total and bool((idx == torch.arange(total, device=device)).all())
+    if identity:
+        keys, values = layer.keys, layer.values
+    else:
+        keys, values = ops.compact_kv(layer.keys, layer.values, idx)
+    new_origin = new_origin.view(len(new_origin), 1, -1).expand(-1, layer.origin.shape[1], -1)
+    origin_all = torch.cat([layer.origin, new_origin], dim=-1)
+    aux = {}
+    for name in set(layer.aux) | set(carry):
+        if name in carry:
+            values_all = carry[name]
+        else:  # states the policy did not score this time start from zero
+            old = layer.aux[name]
+            values_all = torch.cat([old, old.new_zeros((*old.shape[:2], n))], dim=-1)
+        aux[name] = _gather(values_all, idx, 0.0)
+    layer.keys, layer.values = keys, values
+    layer.origin, layer.aux, layer.lens = _gather(origin_all, idx, -1), aux, lens
+
+
+def citrus_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    citrus_step: Optional[Step] = None,
+    **kwargs,
+):
+    """Attention function registered with transformers under ``"citrus"``.
+
+    Without a ``citrus_step`` it is transformers' SDPA attention; with one, the step handles RoPE,
+    attention with lse, scoring and eviction (``attention_mask`` is then unused: the step builds
+    the CItruS block mask itself).
+    """
+    if citrus_step is None:
+        return compat.plain_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return citrus_step.attend(module.layer_idx, query, key, value, scale), None
+
+
+compat.register_attention(citrus_attention)
