@@ -231,14 +231,21 @@ def cases(quick: bool):
         topk_shapes += [(4096, 8192), (4096, 32768), (1024, 131072)]
     for s, length in topk_shapes:
         for k in sorted({length // 2, min(768, length)}):
-            out.append(("segmented_topk", f"S{s} L{length // 1024 or length}{'k' if length >= 1024 else ''} k{k}",
-                        s * length, lambda s=s, n=length, k=k: topk_case(s, n, k)))
+            out.append(("segmented_topk", f"S{s} L{length // 1024}k k{k}", s * length,
+                        lambda s=s, n=length, k=k: topk_case(s, n, k)))
     for length in ((4096, 32768) if quick else (4096, 32768, 131072)):
         out.append(("compact_kv", f"L{length // 1024}k keep L/2 +256, 8x128 bf16", length,
                     lambda n=length: compact_case(n, n // 2)))
     for length in ((32768,) if quick else (32768, 131072)):
         out.append(("evict", f"one-shot Lq64 L{length // 1024}k keep4096", length, lambda n=length: evict_case(1, 64, n, 4096)))
     return out
+
+
+def series(op: str, label: str) -> str:
+    """Plot line of a row: top-k splits by budget kind, the rest by op."""
+    if op == "segmented_topk":
+        return "segmented_topk k=768" if label.endswith("k768") else "segmented_topk k=L/2"
+    return op
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def run(args, save) -> dict:
             rows.append({"op": op, "shape": label, "size": size, "skipped": "time budget"})
             continue
         ours, eager, cargs, nbytes, flops = build()
-        row = {"op": op, "shape": label, "size": size, "bytes": nbytes, "flops": flops}
+        row = {"op": op, "shape": label, "size": size, "bytes": nbytes, "flops": flops, "series": series(op, label)}
         row["ours_us"] = time_us(ours)
         if op == "evict":
             row["ours_graph_us"] = graph_time_us(ours)
@@ -348,17 +355,22 @@ def plot(res: dict, path: str) -> None:
     except ImportError:
         print(f"# matplotlib missing: no plot (rerun with --plot-only {path[:-4]}.json elsewhere)")
         return
-    ops_ = sorted({r["op"] for r in res["rows"] if "ours_us" in r})
-    fig, axes = plt.subplots(1, len(ops_), figsize=(4.2 * len(ops_), 3.8))
-    for ax, op in zip(axes if len(ops_) > 1 else [axes], ops_):
-        rs = sorted((r for r in res["rows"] if r["op"] == op and "ours_us" in r), key=lambda r: r["size"])
+    done = [r for r in res["rows"] if "ours_us" in r]
+    names = sorted({series(r["op"], r["shape"]) for r in done})
+    ncol = 3
+    nrow = (len(names) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        rs = sorted((r for r in done if series(r["op"], r["shape"]) == name), key=lambda r: r["size"])
         for key, style in (("ours_us", "o-"), ("eager_us", "s--"), ("compiled_us", "^:")):
             pts = [(r["size"], r[key]) for r in rs if r.get(key)]
             if pts:
                 ax.plot(*zip(*pts), style, label=key[:-3])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(op, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("size (states or segments x length)", fontsize=8)
         ax.set_ylabel("time (us)", fontsize=8)
         ax.legend(fontsize=7)
