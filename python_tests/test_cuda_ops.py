@@ -80,6 +80,7 @@ def _score_cases():
         ("small", 2, 4, 1, 33, 150, 80, "f32", False, "layer", True, "unaligned"),
         ("small", 1, 2, 2, 20, 90, 40, "f16", False, "kv_head", False, "strided_d"),
         ("small", 1, 1, 4, 64, 64 + 70, 96, "bf16", False, "layer", False, "contig"),
+        ("small", 1, 2, 2, 9, 70, 160, "f16", True, "layer", True, "contig"),  # one row block per step
         ("large", 1, 8, 4, 256, 1280, 128, "bf16", False, "layer", False, "contig"),
         ("large", 2, 8, 4, 256, 1280, 128, "f16", True, "kv_head", True, "hf"),
         ("large", 1, 2, 8, 300, 5000, 128, "bf16", False, "kv_head", True, "contig"),

@@ -19,6 +19,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 
 namespace citrus {
@@ -62,22 +63,34 @@ __device__ __forceinline__ uint32_t ld32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// sQ: the warp's 16 query rows, sK: its 8·NT keys; both row-major with `stride` elements per
-// row and Dp (a multiple of 16) zero-padded columns.
-template <typename T, int NT>
+// sQ: the warp's 16·MT query rows, sK: its 8·NT keys; both row-major with `stride` elements per
+// row and Dp (a multiple of 16) zero-padded columns. acc[m] is row block m (rows 16m..16m+15).
+// MT > 1 reuses each key fragment for MT row blocks, cutting shared-memory traffic per product.
+template <typename T, int NT, int MT>
 __device__ __forceinline__ void warp_logits(const T* sQ, const T* sK, int stride, int Dp,
-                                            float (&acc)[NT][4]) {
+                                            float (&acc)[MT][NT][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+  }
   for (int kk = 0; kk < Dp; kk += 16) {
-    const T* q = sQ + kk + 2 * t;
-    const uint32_t a[4] = {ld32(q + g * stride), ld32(q + (g + 8) * stride),
-                           ld32(q + g * stride + 8), ld32(q + (g + 8) * stride + 8)};
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const T* q = sQ + 16 * m * stride + kk + 2 * t;
+      a[m][0] = ld32(q + g * stride);
+      a[m][1] = ld32(q + (g + 8) * stride);
+      a[m][2] = ld32(q + g * stride + 8);
+      a[m][3] = ld32(q + (g + 8) * stride + 8);
+    }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const T* k = sK + (8 * j + g) * stride + kk + 2 * t;
-      mma16816<T>(acc[j], a, ld32(k), ld32(k + 8));
+      const uint32_t b0 = ld32(k), b1 = ld32(k + 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][j], a[m], b0, b1);
     }
   }
 }
@@ -85,9 +98,11 @@ __device__ __forceinline__ void warp_logits(const T* sQ, const T* sK, int stride
 // fp32: plain FMAs producing the same fragment layout (tf32 products would break the SPEC's
 // "equal to fp32 rounding").
 template <>
-__device__ __forceinline__ void warp_logits<float, 4>(const float* sQ, const float* sK,
-                                                      int stride, int Dp, float (&acc)[4][4]) {
+__device__ __forceinline__ void warp_logits<float, 4, 1>(const float* sQ, const float* sK,
+                                                         int stride, int Dp,
+                                                         float (&out)[1][4][4]) {
   constexpr int NT = 4;
+  float(&acc)[NT][4] = out[0];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -147,17 +162,18 @@ __device__ __forceinline__ const T* query_row(const Attn& a, int b, int h, int r
 
 // ---------------------------------------------------------------------------------------------
 // Pass 1: base-2 log-sum-exp of every row over its visible keys: the valid cache [0, valid) and
-// its own keys Lc + u for u <= t. Grid (row blocks of 16·W, key splits, B·Hkv). The visible keys
-// form `nc` cache tiles then own-key tiles; split y takes tiles [y·per_split, (y+1)·per_split).
-// One split writes lse2 directly; several write (max, sum) pairs for lse_combine_kernel.
-template <typename T>
+// its own keys Lc + u for u <= t. Grid (row blocks of 16·MT·W, key splits, B·Hkv); warp w owns
+// rows 16·MT·w … 16·MT·(w+1)−1 of the block. The visible keys form `nc` cache tiles then
+// own-key tiles; split y takes tiles [y·per_split, (y+1)·per_split). One split writes lse2
+// directly; several write (max, sum) pairs for lse_combine_kernel.
+template <typename T, int MT>
 __global__ void __launch_bounds__(128) lse_kernel(Attn a, int per_split, float* lse2,
                                                   float2* partial) {
   constexpr int NT = kTiles<T>;
   constexpr int KT = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem[];
   const int stride = smem_stride<T>(a.Dp);
-  const int nrows = 16 * (blockDim.x >> 5);
+  const int nrows = 16 * MT * (blockDim.x >> 5);
   // Rows: nrows queries, then two buffers of KT keys (indexed by arithmetic, not a local array,
   // so nothing spills to local memory).
   T* sQ = reinterpret_cast<T*>(smem);
@@ -198,10 +214,19 @@ __global__ void __launch_bounds__(128) lse_kernel(Attn a, int per_split, float* 
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  // This thread's two rows (g and g+8 of the warp's 16) and their query indices.
-  const int row[2] = {r0 + warp * 16 + g, r0 + warp * 16 + g + 8};
-  const int tq[2] = {row[0] % a.Lq, row[1] % a.Lq};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  // This thread's rows: g and g+8 of each of its warp's MT row blocks, and their query indices.
+  int row[MT][2], tq[MT][2];
+  float mx[MT][2], l[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      row[m][half] = r0 + (warp * MT + m) * 16 + g + 8 * half;
+      tq[m][half] = row[m][half] % a.Lq;
+      mx[m][half] = -INFINITY;
+      l[m][half] = 0.f;
+    }
+  }
 
   for (int i = tile0; i < tile1; ++i) {
     const int cur = (i - tile0) & 1;
@@ -209,51 +234,66 @@ __global__ void __launch_bounds__(128) lse_kernel(Attn a, int per_split, float* 
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    float acc[NT][4];
-    warp_logits<T, NT>(sQ + warp * 16 * stride, sK + cur * KT * stride, stride, a.Dp, acc);
+    float acc[MT][NT][4];
+    warp_logits<T, NT, MT>(sQ + warp * 16 * MT * stride, sK + cur * KT * stride, stride, a.Dp, acc);
+    // Own keys are stored as u = key − Lc (>= 0); cache keys as −1 (seen by every row); absent
+    // keys as INT_MAX (seen by none), so one comparison u <= t decides visibility.
+    int own[NT][2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float x[NT][2];
-      float tile_max = -INFINITY;
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kj = key_index(i, 8 * j + 2 * t4 + e);
-          const bool seen = kj >= 0 && (kj < a.Lc || kj - a.Lc <= tq[half]);
-          x[j][e] = seen ? acc[j][2 * half + e] * a.c : -INFINITY;
-          tile_max = fmaxf(tile_max, x[j][e]);
-        }
+      for (int e = 0; e < 2; ++e) {
+        const int kj = key_index(i, 8 * j + 2 * t4 + e);
+        own[j][e] = kj < 0 ? INT_MAX : (kj < a.Lc ? -1 : kj - a.Lc);
       }
-      const float m_new = fmaxf(m[half], tile_max);
-      if (m_new == -INFINITY) continue;  // nothing visible to this row yet
-      float sum = 0.f;
+    }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) sum += exp2f(x[j][0] - m_new) + exp2f(x[j][1] - m_new);
-      l[half] = l[half] * exp2f(m[half] - m_new) + sum;
-      m[half] = m_new;
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float x[NT][2];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            x[j][e] = own[j][e] <= tq[m][half] ? acc[m][j][2 * half + e] * a.c : -INFINITY;
+            tile_max = fmaxf(tile_max, x[j][e]);
+          }
+        }
+        const float m_new = fmaxf(mx[m][half], tile_max);
+        if (m_new == -INFINITY) continue;  // nothing visible to this row yet
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) sum += exp2f(x[j][0] - m_new) + exp2f(x[j][1] - m_new);
+        l[m][half] = l[m][half] * exp2f(mx[m][half] - m_new) + sum;
+        mx[m][half] = m_new;
+      }
     }
     __syncthreads();  // the buffer just read is refilled next iteration
   }
 
   // Merge the four lanes sharing each row.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      const float mo = __shfl_xor_sync(0xffffffffu, m[half], off);
-      const float lo = __shfl_xor_sync(0xffffffffu, l[half], off);
-      const float mn = fmaxf(m[half], mo);
-      l[half] = mn == -INFINITY ? 0.f : l[half] * exp2f(m[half] - mn) + lo * exp2f(mo - mn);
-      m[half] = mn;
-    }
-    if (t4 == 0 && row[half] < a.rows) {
-      const int64_t idx = static_cast<int64_t>(bh) * a.rows + row[half];
-      if (partial == nullptr) {
-        lse2[idx] = m[half] + log2f(l[half]);
-      } else {
-        partial[static_cast<int64_t>(blockIdx.y) * gridDim.z * a.rows + idx] =
-            make_float2(m[half], l[half]);
+    for (int half = 0; half < 2; ++half) {
+      float mm = mx[m][half], ll = l[m][half];
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, mm, off);
+        const float lo = __shfl_xor_sync(0xffffffffu, ll, off);
+        const float mn = fmaxf(mm, mo);
+        ll = mn == -INFINITY ? 0.f : ll * exp2f(mm - mn) + lo * exp2f(mo - mn);
+        mm = mn;
+      }
+      if (t4 == 0 && row[m][half] < a.rows) {
+        const int64_t idx = static_cast<int64_t>(bh) * a.rows + row[m][half];
+        if (partial == nullptr) {
+          lse2[idx] = mm + log2f(ll);
+        } else {
+          partial[static_cast<int64_t>(blockIdx.y) * gridDim.z * a.rows + idx] = make_float2(mm, ll);
+        }
       }
     }
   }
@@ -283,10 +323,11 @@ struct LseIn {
   float mul;  // log2(e) for a natural-log lse, 1 for our own base-2 buffer
 };
 
-template <typename T>
-__global__ void __launch_bounds__(128) score_kernel(Attn a, LseIn lse, int qrows,
-                                                    int rows_per_split, float inv, float* out) {
+template <typename T, int MT>
+__global__ void __launch_bounds__(128) score_kernel(Attn a, LseIn lse, int rows_per_split,
+                                                    float inv, float* out) {
   constexpr int NT = kTiles<T>;
+  constexpr int qrows = 16 * MT;  // queries per pipeline stage: one row block per MT
   extern __shared__ __align__(16) unsigned char smem[];
   const int stride = smem_stride<T>(a.Dp);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -334,14 +375,15 @@ __global__ void __launch_bounds__(128) score_kernel(Attn a, LseIn lse, int qrows
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    for (int m = 0; m < qrows; m += 16) {
-      float acc[NT][4];
-      warp_logits<T, NT>(sQ + (cur * qrows + m) * stride, myK, stride, a.Dp, acc);
-      const float la = sL[cur * qrows + m + g], lb = sL[cur * qrows + m + g + 8];
+    float acc[MT][NT][4];
+    warp_logits<T, NT, MT>(sQ + cur * qrows * stride, myK, stride, a.Dp, acc);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float la = sL[cur * qrows + 16 * m + g], lb = sL[cur * qrows + 16 * m + g + 8];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        colsum[j][0] += exp2f(fmaf(acc[j][0], a.c, -la)) + exp2f(fmaf(acc[j][2], a.c, -lb));
-        colsum[j][1] += exp2f(fmaf(acc[j][1], a.c, -la)) + exp2f(fmaf(acc[j][3], a.c, -lb));
+        colsum[j][0] += exp2f(fmaf(acc[m][j][0], a.c, -la)) + exp2f(fmaf(acc[m][j][2], a.c, -lb));
+        colsum[j][1] += exp2f(fmaf(acc[m][j][1], a.c, -la)) + exp2f(fmaf(acc[m][j][3], a.c, -lb));
       }
     }
     __syncthreads();  // the buffer just read is refilled next iteration
@@ -395,32 +437,33 @@ __global__ void reduce_kernel(const float* partial, int splits, int B, int Hkv, 
 
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
+// Both passes (the first only without a given lse), then the head/split reduction when needed.
+// Each warp step covers MT row blocks of 16 queries.
+template <typename T, int MT>
 void launch(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool layer,
-            const at::Tensor& out, const at::TensorOptions& fopts) {
-  constexpr int NT = kTiles<T>;
+            const at::Tensor& out) {
+  constexpr int NT = kTiles<T>, KT = 8 * NT, qrows = 16 * MT;
   const int device = out.get_device();
   const int sms = sm_count(device);
   const size_t optin = smem_optin(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  const at::TensorOptions fopts = out.options();
   const int stride = smem_stride<T>(a.Dp);
   const int BH = B * a.Hkv;
 
   // Pass 1: our own lse, in base 2, laid out [B, Hq, Lq] = [B·Hkv, rows].
   LseIn lin;
-  at::Tensor lse_buf;
+  at::Tensor lse_buf;  // outlives the launches that read it (stream-ordered allocator)
   if (lse.has_value()) {
-    const at::Tensor l = lse->to(at::kFloat);
-    lin = {l.data_ptr<float>(), l.stride(0), l.stride(1), l.stride(2), kLog2e};
-    lse_buf = l;  // keeps a converted copy alive until the launches are queued
+    lse_buf = lse->to(at::kFloat);
+    lin = {lse_buf.data_ptr<float>(), lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2), kLog2e};
   } else {
-    constexpr int W = 4, KT = 8 * NT;
-    const int nrows = 16 * W;
+    constexpr int W = 4;
+    const int nrows = 16 * MT * W;
     const size_t smem = static_cast<size_t>(nrows + 2 * KT) * stride * sizeof(T);
     TORCH_CHECK(smem <= optin, "citrus.chunk_scores: head_dim ", a.D, " needs ", smem,
-                " bytes of shared memory for ", sizeof(T) == 4 ? "float32" : "16-bit",
-                " inputs; this GPU allows ", optin);
-    allow_dynamic_smem(lse_kernel<T>, smem);
+                " bytes of shared memory; this GPU allows ", optin);
+    allow_dynamic_smem(lse_kernel<T, MT>, smem, device);
     const int row_blocks = static_cast<int>(ceil_div(a.rows, nrows));
     const int max_tiles = static_cast<int>(ceil_div(a.Lc, KT) + ceil_div(a.Lq, KT));
     // Enough blocks to fill the GPU about four times, each still walking >= 8 key tiles.
@@ -433,7 +476,7 @@ void launch(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool lay
     at::Tensor partial;
     if (splits > 1) partial = at::empty({splits, BH, a.rows, 2}, fopts);
     float2* pp = splits > 1 ? reinterpret_cast<float2*>(partial.data_ptr<float>()) : nullptr;
-    lse_kernel<T><<<dim3(row_blocks, splits, BH), 32 * W, smem, stream>>>(
+    lse_kernel<T, MT><<<dim3(row_blocks, splits, BH), 32 * W, smem, stream>>>(
         a, per_split, lse_buf.data_ptr<float>(), pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
@@ -446,7 +489,6 @@ void launch(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool lay
   }
 
   // Pass 2. Large head dims get fewer warps (keys) per block rather than failing.
-  const int qrows = (sizeof(T) == 2 && a.Dp <= 128) ? 32 : 16;
   int W = 4;
   auto smem_for = [&](int w) {
     return static_cast<size_t>(w * 8 * NT + 2 * qrows) * stride * sizeof(T) +
@@ -456,22 +498,22 @@ void launch(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool lay
   const size_t smem = smem_for(W);
   TORCH_CHECK(smem <= optin, "citrus.chunk_scores: head_dim ", a.D, " needs ", smem,
               " bytes of shared memory; this GPU allows ", optin);
-  allow_dynamic_smem(score_kernel<T>, smem);
+  allow_dynamic_smem(score_kernel<T, MT>, smem, device);
   const int KC = W * 8 * NT;
   const int col_blocks = static_cast<int>(ceil_div(a.Lc, KC));
   // Split rows over blocks until the grid covers the GPU twice.
   const int64_t base = static_cast<int64_t>(col_blocks) * BH;
-  int splits = static_cast<int>(std::min<int64_t>(ceil_div(2 * sms, base), ceil_div(a.rows, 16)));
+  int splits = static_cast<int>(std::min<int64_t>(ceil_div(2 * sms, base), ceil_div(a.rows, qrows)));
   splits = std::max(splits, 1);
-  const int rows_per_split = static_cast<int>(ceil_div(ceil_div(a.rows, splits), 16) * 16);
+  const int rows_per_split = static_cast<int>(ceil_div(ceil_div(a.rows, splits), qrows) * qrows);
   splits = static_cast<int>(ceil_div(a.rows, rows_per_split));
   const int R = layer ? 1 : a.Hkv;
   const float inv = static_cast<float>(1.0 / (static_cast<double>(layer ? a.Hkv * a.G : a.G) * a.Lq));
   const bool direct = splits == 1 && R == a.Hkv;
   at::Tensor partial;
   if (!direct) partial = at::empty({splits, BH, a.Lc}, fopts);
-  score_kernel<T><<<dim3(col_blocks, splits, BH), 32 * W, smem, stream>>>(
-      a, lin, qrows, rows_per_split, direct ? inv : 1.f,
+  score_kernel<T, MT><<<dim3(col_blocks, splits, BH), 32 * W, smem, stream>>>(
+      a, lin, rows_per_split, direct ? inv : 1.f,
       direct ? out.data_ptr<float>() : partial.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!direct) {
@@ -480,6 +522,17 @@ void launch(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool lay
         partial.data_ptr<float>(), splits, B, a.Hkv, R, a.Lc, inv, out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// 16-bit inputs with head_dim <= 128 take two row blocks per warp step (key fragments reused
+// twice); larger heads and fp32 take one, which keeps shared memory and registers in bounds.
+template <typename T>
+void launch_for(const Attn& a, int B, const std::optional<at::Tensor>& lse, bool layer,
+                const at::Tensor& out) {
+  if constexpr (sizeof(T) == 2) {
+    if (a.Dp <= 128) return launch<T, 2>(a, B, lse, layer, out);
+  }
+  launch<T, 1>(a, B, lse, layer, out);
 }
 
 at::Tensor chunk_scores_cuda(const at::Tensor& query, const at::Tensor& key, double scale,
@@ -529,13 +582,13 @@ at::Tensor chunk_scores_cuda(const at::Tensor& query, const at::Tensor& key, dou
          static_cast<float>(scale * M_LOG2E)};
   switch (q.scalar_type()) {
     case at::kFloat:
-      launch<float>(a, static_cast<int>(d.B), lse, layer, out, fopts);
+      launch_for<float>(a, static_cast<int>(d.B), lse, layer, out);
       break;
     case at::kHalf:
-      launch<__half>(a, static_cast<int>(d.B), lse, layer, out, fopts);
+      launch_for<__half>(a, static_cast<int>(d.B), lse, layer, out);
       break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(a, static_cast<int>(d.B), lse, layer, out, fopts);
+      launch_for<__nv_bfloat16>(a, static_cast<int>(d.B), lse, layer, out);
       break;
     default:
       TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", q.scalar_type());

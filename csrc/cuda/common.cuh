@@ -11,6 +11,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "citrus CUDA kernels need sm_80 or newer (bf16 tensor-core products, cp.async)"
@@ -35,13 +38,20 @@ inline size_t smem_optin(int device) {
   return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB needs an explicit opt-in).
+// Lets `kernel` use `bytes` of dynamic shared memory on `device` (above 48 KB needs an explicit
+// opt-in). Each (kernel, device) is raised once to the largest size asked, so warm-up calls keep
+// the attribute change out of later CUDA-graph captures.
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+void allow_dynamic_smem(Kernel kernel, size_t bytes, int device) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = granted[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= have) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  have = bytes;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
