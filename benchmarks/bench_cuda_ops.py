@@ -123,6 +123,14 @@ def graph_time_us(fn) -> float:
     return time_us(graph.replay)
 
 
+def guarded_check(op, ours, eager, cargs) -> str:
+    try:
+        return check(op, ours, eager, cargs)
+    except Exception as exc:  # noqa: BLE001 - e.g. the baseline runs out of memory
+        torch.cuda.empty_cache()
+        return f"unchecked ({type(exc).__name__})"
+
+
 def guarded(fn):
     """Time ``fn`` or report why it could not run (e.g. the baseline runs out of memory)."""
     try:
@@ -130,6 +138,33 @@ def guarded(fn):
     except Exception as exc:  # noqa: BLE001 - a failing baseline must not stop the suite
         torch.cuda.empty_cache()
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Agreement with the baseline at the benchmark's (large) shapes, so a fast wrong kernel shows.
+
+def check(op: str, ours, eager, cargs) -> str:
+    """'ok' or what disagrees. The baseline's logits are bf16-rounded (as in a model's eager
+    attention), so scores agree to ~1e-3; top-k ties may break differently, so the kept score
+    multisets are compared; copies must match exactly."""
+    got, want = ours(), eager(*cargs)
+    if op.startswith("chunk_scores"):
+        err = float((got - want).norm() / want.norm())
+        return "ok" if err < 1e-2 else f"scores differ: rel err {err:.2e}"
+    if op == "segmented_topk":
+        x = cargs[0]
+        same = torch.equal(torch.gather(x, 1, got).sort(1).values, torch.gather(x, 1, want).sort(1).values)
+        ordered = bool((got[:, 1:] > got[:, :-1]).all())
+        return "ok" if same and ordered else f"top-k differs (same values {same}, ascending {ordered})"
+    if op == "compact_kv":
+        return "ok" if all(torch.equal(a, b) for a, b in zip(got, want)) else "compaction differs"
+    q, k, v, keep, scale = cargs
+    lc = k.shape[2] - q.shape[2]
+    kept = got[2]
+    copies = eager_compact(k, v, kept, k[:, :, lc:], v[:, :, lc:])
+    ordered = bool((kept[..., 1:] > kept[..., :-1]).all())
+    ok = ordered and torch.equal(got[0], copies[0]) and torch.equal(got[1], copies[1])
+    return "ok" if ok else f"evict inconsistent (ascending {ordered})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,6 +315,7 @@ def run(args, save) -> dict:
             continue
         ours, eager, cargs, nbytes, flops = build()
         row = {"op": op, "shape": label, "size": size, "bytes": nbytes, "flops": flops, "series": series(op, label)}
+        row["check"] = guarded_check(op, ours, eager, cargs)
         row["ours_us"] = time_us(ours)
         if op == "evict":
             row["ours_graph_us"] = graph_time_us(ours)
@@ -332,7 +368,7 @@ def verdicts(res: dict) -> list[str]:
 def table(res: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
     lines = [f"{'op':<19} {'shape':<34} {'ours us':>9} {'eager':>9} {'compiled':>9} {'x eager':>7} "
-             f"{'GB/s':>7} {'TFLOP/s':>7} {'x floor':>7}"]
+             f"{'GB/s':>7} {'TFLOP/s':>7} {'x floor':>7}  check"]
     for r in res["rows"]:
         if "ours_us" not in r:
             lines.append(f"{r['op']:<19} {r['shape']:<34} skipped ({r['skipped']})")
@@ -340,9 +376,11 @@ def table(res: dict) -> str:
         sp = r["eager_us"] / r["ours_us"] if r["eager_us"] else None
         lines.append(f"{r['op']:<19} {r['shape']:<34} {fmt(r['ours_us']):>9} {fmt(r['eager_us']):>9} "
                      f"{fmt(r['compiled_us']):>9} {fmt(sp):>7} {r['GBps']:>7.0f} {r['TFLOPs']:>7.1f} "
-                     f"{r['ours_us'] / r['floor_us']:>7.1f}")
+                     f"{r['ours_us'] / r['floor_us']:>7.1f}  {r.get('check', '-')}")
     c = res["ceilings"]
     lines.append(f"ceilings on {res['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 mm {c['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    bad = [r for r in res["rows"] if r.get("check", "ok") != "ok"]
+    lines.append(f"agreement with the baseline: {len(bad)} of {len(res['rows'])} rows not ok")
     return "\n".join(lines + verdicts(res))
 
 
@@ -410,6 +448,8 @@ def main() -> None:
     print(f"# results: {out}")
     plot(res, out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     print(table(res))
+    wrong = [r for r in res["rows"] if not r.get("check", "ok").startswith(("ok", "unchecked"))]
+    sys.exit(1 if wrong else 0)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,15 @@ fi
 
 echo
 echo "=== pytest summary"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -E "passed|failed|error|skipped" "$OUT/tests.log" | tail -n 3
 echo "=== sanitizer summary"
 grep -E "ERROR SUMMARY|exit status|passed|failed" "$OUT/sanitizer.log" | tail -n 6
 echo "=== benchmark table"
-sed -n '/^op  /,$p' "$OUT/bench_cuda_ops.log" 2>/dev/null | tail -n 45
+if grep -q '^op  ' "$OUT/bench_cuda_ops.log" 2>/dev/null; then
+  sed -n '/^op  /,$p' "$OUT/bench_cuda_ops.log" | tail -n 45
+elif [ -f "$OUT/cuda_ops.json" ]; then  # cut short: the rows saved so far
+  "$PY" benchmarks/bench_cuda_ops.py --plot-only "$OUT/cuda_ops.json" 2>&1 | sed -n '/^op  /,$p' | tail -n 45
+fi
 echo "=== steps"
 printf '%s\n' "${summary[@]}"
 exit "$status"

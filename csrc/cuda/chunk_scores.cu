@@ -9,8 +9,9 @@
 //   2. score pass: column-stationary. A block holds W·8·NT cache keys in shared memory, each warp
 //      owns 8·NT of them, and query tiles stream past (double-buffered, cp.async); every warp sums
 //      exp2(logit·scale·log2e − lse·log2e) down its columns in registers, fp32 throughout.
-//      fp16/bf16 logits come from mma.sync m16n8k16 (products exact in fp32, fp32 accumulate);
-//      fp32 inputs use FMAs laid out as the same fragments, so both share one epilogue.
+//      fp16/bf16 logits come from mma.sync m16n8k16 (products exact in fp32, fp32 accumulate),
+//      each key fragment serving two 16-row blocks when head_dim <= 128; fp32 inputs use FMAs
+//      laid out as the same fragments, so both share one epilogue.
 //   3. When rows are split over blocks or heads are averaged for a layer, per-split sums land in
 //      a small [splits, B, Hkv, Lc] buffer reduced in a fixed order: deterministic scores.
 #include "../checks.h"
