@@ -240,3 +240,13 @@ def test_scaled_rope_equals_generate():
     got = citrus_ext.answer(model, tok, document, instruction, method="cse", budget=500, chunk_size=32,
                             max_new_tokens=8)
     assert got.token_ids == expected
+
+
+def test_uniform_sliding_window_model_equals_generate():
+    # Mistral with a window on every layer: layers are still score-evicted, under the window mask.
+    model, tok = tiny_model("mistral", sliding_window=24), char_tokenizer()
+    document, instruction = random_text(100, seed=14), "who?"
+    expected = plain_generate(model, tok, document, instruction, 8)
+    got = citrus_ext.answer(model, tok, document, instruction, method="citrus_shared", budget=500, chunk_size=16,
+                            max_new_tokens=8)
+    assert got.token_ids == expected
