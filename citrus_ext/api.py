@@ -1,4 +1,12 @@
-"""The public entry point: ``citrus_ext.answer(model, tokenizer, document, instruction, ...)``."""
+"""The public entry point: ``citrus_ext.answer(model, tokenizer, document, instruction, ...)``.
+
+Example::
+
+    import citrus_ext
+    out = citrus_ext.answer(model, tokenizer, long_text, "What is the passcode?",
+                            method="citrus_shared", budget=768, chunk_size=256, pool=7)
+    print(out.text, out.stats["peak_states_per_layer"][0], out.stats["score_s"])
+"""
 from __future__ import annotations
 
 import time

@@ -111,11 +111,12 @@ def test_batch_equals_single():
     assert batch.stats["tokens_read"] == [r["tokens_read"] for r in batch.stats["rows"]]
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_ragged_batch_keeps_what_each_row_keeps_alone(method, kind):
-    if kind == "gemma3" and method not in ("cse", "citrus_shared", "citrus_individual"):
-        pytest.skip("the sliding-window layers are policy-independent")
+# Gemma3 (sliding-window layers) with the CItruS modes only: its windows do not depend on the policy.
+BATCH_CASES = [("llama", m) for m in METHODS] + [("gemma3", m) for m in ("cse", "citrus_shared", "citrus_individual")]
+
+
+@pytest.mark.parametrize("kind,method", BATCH_CASES)
+def test_ragged_batch_keeps_what_each_row_keeps_alone(kind, method):
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(11)
     docs = [torch.randint(6, 1000, (n,), generator=g) for n in (75, 30, 52)]
@@ -237,5 +238,15 @@ def test_scaled_rope_equals_generate():
     document, instruction = random_text(120, seed=13), "where?"
     expected = plain_generate(model, tok, document, instruction, 8)
     got = citrus_ext.answer(model, tok, document, instruction, method="cse", budget=500, chunk_size=32,
+                            max_new_tokens=8)
+    assert got.token_ids == expected
+
+
+def test_uniform_sliding_window_model_equals_generate():
+    # Mistral with a window on every layer: layers are still score-evicted, under the window mask.
+    model, tok = tiny_model("mistral", sliding_window=24), char_tokenizer()
+    document, instruction = random_text(100, seed=14), "who?"
+    expected = plain_generate(model, tok, document, instruction, 8)
+    got = citrus_ext.answer(model, tok, document, instruction, method="citrus_shared", budget=500, chunk_size=16,
                             max_new_tokens=8)
     assert got.token_ids == expected
