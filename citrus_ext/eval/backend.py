@@ -1,0 +1,125 @@
+"""The only place the harness touches the library and the texts: everything else is injected.
+
+The runner takes an *answer function* and a *log-prob reader* as parameters; this module builds
+the real ones from a model (``citrus_ext.answer`` and the chunked reader) and loads the model and
+the KJV text. Imports are lazy so that the harness and its tests run without a model.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+
+
+def load_model(path: Optional[str] = None, *, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)``: the default SmolLM2-135M-Instruct, or a local HF folder.
+
+    See ``citrus_ext.models.load_model``.
+    """
+    from citrus_ext.models import load_model as load
+
+    return load(path, dtype=dtype, device=device)
+
+
+def answer_fn(model, tokenizer) -> Callable:
+    """``citrus_ext.answer`` bound to a model: ``fn(document, instruction, **kwargs) -> Answer``."""
+    from citrus_ext import answer
+
+    return functools.partial(answer, model, tokenizer)
+
+
+def model_info(model) -> dict:
+    """Name, context window and KV bytes per state (one token, one layer) of ``model``."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return {"model": getattr(config, "_name_or_path", "") or type(model).__name__,
+            "window": int(config.max_position_embeddings),
+            "layers": int(config.num_hidden_layers),
+            "kv_bytes_per_state": int(2 * kv_heads * head_dim * element)}
+
+
+def kjv_text(tokenizer, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` tokens of the King James Bible (Genesis on), as token ids.
+
+    Uses ``citrus_ext.texts.kjv_chapters``; chapters are joined by blank lines.
+    """
+    from citrus_ext.texts import kjv_chapters
+
+    ids: list[int] = []
+    for _, _, text in kjv_chapters():
+        ids += tokenizer(text + "\n\n", add_special_tokens=False).input_ids
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise ValueError(f"the KJV text holds only {len(ids)} tokens, fewer than {n_tokens}")
+
+
+def read_logprobs(model, token_ids: list[int], method: str, budget: int, chunk_size: int,
+                  instruction_ids: list[int], progress: Optional[Callable[[int, int], None]] = None,
+                  **options) -> tuple[list[float], dict]:
+    """Read ``token_ids`` chunk by chunk with eviction policy ``method``; NLL of every next token.
+
+    This is the interface the perplexity mode expects from the library. It drives
+    ``citrus_ext.ChunkedReader`` and recovers the chunk's logits from the final norm's output
+    (the reader asks the model for the last position's logits only). If the library grows its own
+    log-prob reader, this function becomes a call to it.
+
+    Parameters
+    ----------
+    model : a causal LM supported by ``citrus_ext``.
+    token_ids : list of int
+        The text, without special tokens.
+    method, budget, chunk_size, **options
+        As for ``citrus_ext.answer``.
+    instruction_ids : list of int
+        The (generic) instruction that instruction-aware policies score the cache with.
+    progress : callable, optional
+        ``progress(done_chunks, total_chunks)``.
+
+    Returns
+    -------
+    nll : list of float
+        ``-log p(token_ids[i] | what the reader kept of token_ids[:i])`` for ``i >= 1``.
+    stats : dict
+        The reader's statistics (tokens read, peak states per layer, times).
+    """
+    from citrus_ext import ChunkedReader, make_policy
+
+    reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    hidden: list[torch.Tensor] = []
+    handle = model.get_decoder().norm.register_forward_hook(lambda _m, _i, out: hidden.append(out))
+    device = next(model.parameters()).device
+    instruction = torch.tensor([instruction_ids], device=device)
+    ids = torch.tensor([token_ids], device=device)
+    nll: list[float] = []
+    previous = None  # log-probs at the last position of the previous chunk
+    total = -(-len(token_ids) // chunk_size)
+    try:
+        for i, start in enumerate(range(0, len(token_ids), chunk_size)):
+            chunk = ids[:, start:start + chunk_size]
+            hidden.clear()
+            reader.read_chunk(chunk, instruction)
+            with torch.no_grad():
+                # The chunk's forward is the last of read_chunk in every mode; its first
+                # positions are the chunk's (an instruction may follow it in the same forward).
+                logits = head(hidden[-1][0, :chunk.shape[1]]).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                logp = torch.log_softmax(logits, dim=-1)
+            targets = chunk[0]
+            if previous is not None:
+                nll.append(-float(previous[targets[0]]))
+            nll += (-logp[:-1].gather(1, targets[1:, None])[:, 0]).tolist()
+            previous = logp[-1]
+            if progress is not None:
+                progress(i + 1, total)
+    finally:
+        handle.remove()
+    if not all(math.isfinite(x) for x in nll):
+        raise FloatingPointError("non-finite log-probabilities while reading")
+    return nll, reader.stats()
