@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +51,8 @@ def plot_heatmaps(records: Sequence[dict], out_dir) -> list[Path]:
     import numpy as np
 
     groups = retrieval_groups(records, ("task", "method", "budget", "chunk_size", "length", "depth"))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("lightgrey")  # cells not run (the full cache beyond the window)
     files = []
     configs = sorted({(g["task"], g["budget"], g["chunk_size"]) for g in groups if g["budget"] is not None})
     for task, budget, chunk in configs:
@@ -66,11 +69,10 @@ def plot_heatmaps(records: Sequence[dict], out_dir) -> list[Path]:
             for g in rows:
                 if g["method"] == method:
                     grid[depths.index(g["depth"]), lengths.index(g["length"])] = g["containment"]
-            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
             for (i, j), v in np.ndenumerate(grid):
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.1f}".lstrip("0") if v < 1 else "1", ha="center", va="center",
-                            fontsize=7)
+                    ax.text(j, i, f"{v:.2f}".rstrip("0").rstrip("."), ha="center", va="center", fontsize=7)
             ax.set_title(method, fontsize=9)
             ax.set_xticks(range(len(lengths)), [_label(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
@@ -122,10 +124,10 @@ def plot_perplexity(records: Sequence[dict], out_dir) -> list[Path]:
     window = records[0].get("info", {}).get("window")
     if window:
         ax.axvline(window, color="grey", linewidth=0.8)
-        ax.text(window, ax.get_ylim()[1], " model window", va="top", fontsize=8, color="grey")
+        ax.text(window, ax.get_ylim()[0], " model window", va="bottom", fontsize=8, color="grey")
     ax.set(xlabel="tokens read", ylabel=f"perplexity (windows of {records[0]['window_tokens']} tokens)",
            title="Long-range perplexity")
-    ax.set_xscale("log", base=2)
+    _length_axis(ax, [w["end"] for r in records for w in r["windows"]])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return [_save(fig, plt, Path(out_dir) / "perplexity.png")]
@@ -150,10 +152,20 @@ def plot_memory(records: Sequence[dict], out_dir) -> list[Path]:
     ax.set(xlabel="document tokens",
            ylabel="peak KV cache (MiB)" if in_bytes else "peak KV states per layer",
            title="Peak KV cache against document length")
-    ax.set_xscale("log", base=2)
+    _length_axis(ax, [g["length"] for g in groups])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return [_save(fig, plt, Path(out_dir) / "memory.png")]
+
+
+def _length_axis(ax, lengths) -> None:
+    """Log-2 x axis labelled with the lengths themselves (2k, 4k, ...)."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(lengths))
+    if len(ticks) > 12:  # a perplexity curve: label the powers of two it spans
+        ticks = [2 ** i for i in range(math.ceil(math.log2(ticks[0])), math.floor(math.log2(ticks[-1])) + 1)]
+    ax.set_xticks(ticks, [_label(t) for t in ticks])
+    ax.minorticks_off()
 
 
 def _save(fig, plt, path: Path) -> Path:
