@@ -22,9 +22,14 @@ class FakeAnswer:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, document, instruction, *, method, budget, chunk_size, max_new_tokens, **options):
+    def __call__(self, document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans,
+                 **options):
         self.calls.append((method, budget, chunk_size))
+        self.needle_spans = needle_spans
         found = re.search(r"pass key is (\d+)", document)
-        text = f"The pass key is {found.group(1)}." if method.startswith("citrus") and found else "Here we go."
+        citrus = method.startswith("citrus")
+        text = f"The pass key is {found.group(1)}." if citrus and found else "Here we go."
         states = len(document.split()) if method == "full" else budget + chunk_size
-        return SimpleNamespace(text=text, token_ids=[], stats={"peak_states_per_layer": [states, states]})
+        return SimpleNamespace(text=text, token_ids=[], stats={
+            "peak_states_per_layer": [states, states],
+            "needle_kept_read": [1.0, 0.5] if citrus else [0.0, 0.0]})

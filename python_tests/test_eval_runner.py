@@ -34,7 +34,7 @@ def test_grid_writes_cells_and_summary_and_resumes(tmp_path):
     assert len(list((tmp_path / "cells").glob("*.json"))) == len(cells)
     by_method = {(g["method"], g["length"], g["budget"]): g["containment"] for g in summary["retrieval_all_tasks"]}
     assert by_method[("citrus_shared", 600, 64)] == 1.0 and by_method[("cse", 600, 64)] == 0.0
-    assert (tmp_path / "summary.md").read_text().count("| citrus_shared | 32 |") == 3  # all tasks + passkey x2
+    assert (tmp_path / "summary.md").read_text().count("| citrus_shared | 32 |") == 4  # all tasks: accuracy, needle kept; passkey: accuracy, ROUGE-L
 
     # Nothing is recomputed on a rerun.
     again = FakeAnswer()
@@ -56,7 +56,18 @@ def test_cell_json_records_sample_scores_and_stats(tmp_path):
     assert record["sample"]["answers"][0] in record["prediction"]
     assert record["scores"]["containment"] == 1.0 and record["scores"]["rouge1"] > 0
     assert record["stats"]["peak_states"] == 96 and record["stats"]["peak_kv_bytes"] == 2 * 96 * 8
+    assert record["stats"]["needle_kept_read"] == 0.75
     assert 594 <= record["sample"]["n_tokens"] <= 600
+    assert "Needle tokens kept" in (tmp_path / "summary.md").read_text()
+
+
+def test_answer_gets_the_needle_spans(tmp_path):
+    answer = FakeAnswer()
+    cells = runner.retrieval_cells(["multikey"], ["cse"], [64], [32], [400], [0.5], 1)
+    _run(tmp_path, answer, cells=cells)
+    record = json.loads(runner.cell_path(tmp_path, cells[0]).read_text())
+    assert [list(span) for span in answer.needle_spans] == record["sample"]["needle_spans"]
+    assert len(answer.needle_spans) == 4
 
 
 def test_samples_are_shared_across_methods(tmp_path):

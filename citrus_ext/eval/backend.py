@@ -6,8 +6,8 @@ the KJV text. Imports are lazy so that the harness and its tests run without a m
 """
 from __future__ import annotations
 
-import functools
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -24,10 +24,69 @@ def load_model(path: Optional[str] = None, *, dtype: str = "float32", device: st
 
 
 def answer_fn(model, tokenizer) -> Callable:
-    """``citrus_ext.answer`` bound to a model: ``fn(document, instruction, **kwargs) -> Answer``."""
-    from citrus_ext import answer
+    """The runner's answer function for ``model``: ``citrus_ext.answer``'s read, final stage and
+    greedy decoding, plus how much of the needles the cache kept.
 
-    return functools.partial(answer, model, tokenizer)
+    It follows :func:`citrus_ext.answer` step by step through the public
+    ``citrus_ext.ChunkedReader`` API (a test checks both give the same tokens) and, between the
+    steps, reads each layer's ``origin`` (the token index of every kept state).
+
+    Returns
+    -------
+    callable
+        ``fn(document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans,
+        **options) -> Answer``; ``needle_spans`` are token spans in the document. The answer's
+        stats add ``needle_kept_read`` (after the document is read) and ``needle_kept_final``
+        (after the instruction's final pruning): per layer, the share of needle tokens whose
+        states are in the answer cache (averaged over KV heads for a head-level selection).
+    """
+    from citrus_ext import Answer, ChunkedReader, compat, make_policy, split_prompt
+
+    def run(document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans=(),
+            **options):
+        start = time.perf_counter()
+        compat.check_supported(model)
+        doc_ids, instr_ids = split_prompt(tokenizer, document, instruction)
+        # The template's head comes before the document in the read token indices.
+        offset = len(doc_ids) - len(tokenizer(document, add_special_tokens=False).input_ids)
+        needle = torch.tensor([offset + i for a, b in needle_spans for i in range(a, b)], dtype=torch.long)
+        reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size)
+        device = next(model.parameters()).device
+        instr = torch.tensor([instr_ids], device=device)
+        reader.read(torch.tensor([doc_ids], device=device), instr)
+        kept_read = needle_kept(reader.answer_cache, needle)
+        reader.prune(instr)
+        kept_final = needle_kept(reader.answer_cache, needle)
+        tokens = reader.decode(reader.encode_instruction(instr), max_new_tokens,
+                               compat.eos_token_ids(model, tokenizer))
+        stats = reader.stats()
+        stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start,
+                     needle_kept_read=kept_read, needle_kept_final=kept_final)
+        return Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats)
+
+    return run
+
+
+def needle_kept(cache, needle: torch.Tensor) -> list[float]:
+    """Per layer, the share of ``needle`` token indices among the states ``cache`` holds.
+
+    Parameters
+    ----------
+    cache : citrus_ext.compat.CitrusCache
+        Its layers' ``origin [1, 1 or Hkv, L]`` give the token index of every state.
+    needle : Tensor of int64
+        Token indices (in the reader's numbering) of the needles.
+
+    Returns
+    -------
+    list of float
+        One share per layer, averaged over KV heads when their selections differ; empty when
+        ``needle`` is.
+    """
+    if needle.numel() == 0:
+        return []
+    return [float(torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]]).float().mean())
+            for layer in cache.layers]
 
 
 def model_info(model) -> dict:

@@ -51,8 +51,7 @@ def plot_heatmaps(records: Sequence[dict], out_dir) -> list[Path]:
     import numpy as np
 
     groups = retrieval_groups(records, ("task", "method", "budget", "chunk_size", "length", "depth"))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("lightgrey")  # cells not run (the full cache beyond the window)
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # grey: not run (full beyond the window)
     files = []
     configs = sorted({(g["task"], g["budget"], g["chunk_size"]) for g in groups if g["budget"] is not None})
     for task, budget, chunk in configs:

@@ -7,9 +7,10 @@ summary (``summary.json`` + ``summary.md``) is always rebuilt from every cell fi
 
 The model is reached only through two injected callables, so the runner runs without one:
 
-``answer(document, instruction, *, method, budget, chunk_size, max_new_tokens, **options)``
-    returns an object with ``text`` and ``stats`` (``citrus_ext.answer`` bound to a model, see
-    :func:`citrus_ext.eval.backend.answer_fn`).
+``answer(document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans, **options)``
+    returns an object with ``text`` and ``stats`` (``citrus_ext.answer``'s steps bound to a model,
+    see :func:`citrus_ext.eval.backend.answer_fn`); ``needle_spans`` are the needles' token spans
+    in the document, for the needle-retention diagnostic.
 ``read(token_ids, *, method, budget, chunk_size, instruction_ids, progress, **options)``
     returns ``(nll per predicted token, stats)`` (see :func:`citrus_ext.eval.backend.read_logprobs`).
 """
@@ -216,13 +217,17 @@ def load_settings(out_dir) -> Settings:
     return Settings(**json.loads(path.read_text()))
 
 
-def _peak(stats: dict, kv_bytes_per_state: Optional[int]) -> dict:
-    """Peak cache size from the library's statistics (states per layer, and bytes)."""
+def _digest(stats: dict, kv_bytes_per_state: Optional[int]) -> dict:
+    """The headline numbers of the library's statistics: peak cache (states per layer, bytes over
+    layers) and, where recorded, the share of needle tokens kept (mean over layers)."""
     per_layer = stats.get("peak_states_per_layer") or []
     out = {"peak_states": max(per_layer) if per_layer else None,
            "peak_states_total": sum(per_layer) if per_layer else None}
     if kv_bytes_per_state and per_layer:
         out["peak_kv_bytes"] = sum(per_layer) * kv_bytes_per_state
+    for name in ("needle_kept_read", "needle_kept_final"):
+        if stats.get(name):
+            out[name] = _mean(stats[name])
     return out
 
 
@@ -284,7 +289,7 @@ def run_retrieval(cells: Iterable[Cell], out_dir, tokenizer, answer: Callable, *
             result = answer(sample.document, sample.instruction, method=cell.method,
                             budget=cell.budget if cell.budget is not None else cell.length,
                             chunk_size=cell.chunk_size, max_new_tokens=settings.max_new_tokens,
-                            **settings.options)
+                            needle_spans=sample.needle_spans, **settings.options)
             seconds = time.perf_counter() - start
             scores = metrics.score_answer(result.text, sample.answers, sample.reference)
             _write_json(path, {
@@ -294,7 +299,7 @@ def run_retrieval(cells: Iterable[Cell], out_dir, tokenizer, answer: Callable, *
                            "needle_spans": sample.needle_spans, "answers": sample.answers,
                            "reference": sample.reference, "instruction": sample.instruction,
                            "document_sha1": hashlib.sha1(sample.document.encode()).hexdigest()},
-                "stats": {**_peak(result.stats, info.get("kv_bytes_per_state")),
+                "stats": {**_digest(result.stats, info.get("kv_bytes_per_state")),
                           "raw": result.stats},
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
@@ -354,7 +359,7 @@ def run_perplexity(cells: Iterable[PerplexityCell], out_dir, token_ids: Sequence
                 "info": info, "seconds": seconds, "window_tokens": window_tokens,
                 "windows": metrics.windowed_nll(nll, window_tokens),
                 "nll": mean, "ppl": math.exp(mean), "tokens": len(nll),
-                "stats": {**_peak(stats, info.get("kv_bytes_per_state")), "raw": stats},
+                "stats": {**_digest(stats, info.get("kv_bytes_per_state")), "raw": stats},
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
             bar.update(1)
@@ -409,7 +414,7 @@ def retrieval_groups(records: Sequence[dict], by: Sequence[str]) -> list[dict]:
         for name in rs[0]["scores"]:
             row[name] = _mean([r["scores"][name] for r in rs])
         row["seconds"] = _mean([r["seconds"] for r in rs])
-        for name in ("peak_states", "peak_kv_bytes"):
+        for name in ("peak_states", "peak_kv_bytes", "needle_kept_read", "needle_kept_final"):
             row[name] = _mean([r["stats"].get(name) for r in rs])
         out.append(row)
     return sorted(out, key=lambda row: tuple(_sort_key(row[k]) for k in by))
@@ -497,6 +502,9 @@ def markdown_summary(summary: dict) -> str:
              "layer); `full` keeps everything and runs only where the prompt fits the window.\n"]
     if summary["retrieval_all_tasks"]:
         parts.append("## Retrieval accuracy, all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"]))
+        if any(g["needle_kept_read"] is not None for g in summary["retrieval_all_tasks"]):
+            parts.append("## Needle tokens kept in the answer cache after reading (mean over layers), "
+                         "all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"], "needle_kept_read"))
         for task in sorted({g["task"] for g in summary["retrieval"]}):
             groups = [g for g in summary["retrieval"] if g["task"] == task]
             parts.append(f"## {task}: accuracy\n\n" + accuracy_table(groups)
