@@ -102,7 +102,8 @@ def test_niah_uses_the_injected_haystack():
     def haystack(tokenizer, n_tokens, needle, depth, *, seed):
         seen.update(n_tokens=n_tokens, depth=depth, seed=seed)
         text = "filler " * 50 + needle + " filler" * 49
-        return SimpleNamespace(text=text, n_tokens=100 + len(needle.split()), needle_tokens=(50, 50 + len(needle.split())))
+        n = len(needle.split())
+        return SimpleNamespace(text=text, n_tokens=100 + n, needle_tokens=(50, 50 + n))
 
     sample = make_sample("niah", WordTokenizer(), 128, 0.5, seed=4, haystack_fn=haystack)
     assert seen == {"n_tokens": 128, "depth": 0.5, "seed": 4}
