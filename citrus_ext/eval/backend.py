@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -95,7 +96,8 @@ def model_info(model) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return {"model": getattr(config, "_name_or_path", "") or type(model).__name__,
+    # The folder's name, not its path: results compare across machines.
+    return {"model": Path(getattr(config, "_name_or_path", "")).name or type(model).__name__,
             "window": int(config.max_position_embeddings),
             "layers": int(config.num_hidden_layers),
             "kv_bytes_per_state": int(2 * kv_heads * head_dim * element)}
