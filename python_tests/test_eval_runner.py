@@ -182,3 +182,8 @@ def test_answer_objects_only_need_text_and_stats(tmp_path):
     cells = runner.retrieval_cells(["multivalue"], ["cse"], [64], [32], [300], [0.5], 1)
     summary = runner.run_retrieval(cells, tmp_path, WordTokenizer(), answer, progress=False)
     assert summary["retrieval"][0]["containment"] == 0.0 and summary["retrieval"][0]["peak_states"] is None
+
+
+def test_cli_cell_of_the_other_kind_is_refused(tmp_path, capsys):
+    assert cli.main(["retrieval", "--cell", "ppl__cse__b64__c32__L1000", "--out", str(tmp_path)]) == 2
+    assert "not a retrieval cell" in capsys.readouterr().err
