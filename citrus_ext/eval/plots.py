@@ -152,6 +152,7 @@ def plot_memory(records: Sequence[dict], out_dir) -> list[Path]:
            ylabel="peak KV cache (MiB)" if in_bytes else "peak KV states per layer",
            title="Peak KV cache against document length")
     _length_axis(ax, [g["length"] for g in groups])
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return [_save(fig, plt, Path(out_dir) / "memory.png")]

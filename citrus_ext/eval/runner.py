@@ -497,10 +497,11 @@ def perplexity_table(rows: Sequence[dict]) -> str:
 def markdown_summary(summary: dict) -> str:
     """The human-readable summary: accuracy tables (all tasks, then each task), perplexity."""
     parts = [f"# Evaluation summary\n\n{summary['cells']} cells, {summary['seconds'] / 60:.1f} min of "
-             "model time. Retrieval accuracy = share of the expected strings found in the answer "
-             "(containment), averaged over depths and samples; k = budget (old states kept per "
-             "layer); `full` keeps everything and runs only where the prompt fits the window.\n"]
+             "model time. k = budget (old states kept per layer); `full` keeps everything and runs "
+             "only where the text fits the model's window."]
     if summary["retrieval_all_tasks"]:
+        parts.append("Retrieval accuracy = share of the expected strings found in the answer "
+                     "(containment), averaged over depths and samples.")
         parts.append("## Retrieval accuracy, all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"]))
         if any(g["needle_kept_read"] is not None for g in summary["retrieval_all_tasks"]):
             parts.append("## Needle tokens kept in the answer cache after reading (mean over layers), "
@@ -510,5 +511,6 @@ def markdown_summary(summary: dict) -> str:
             parts.append(f"## {task}: accuracy\n\n" + accuracy_table(groups)
                          + f"\n\n{task}: ROUGE-L F1\n\n" + accuracy_table(groups, "rougeL"))
     if summary["perplexity"]:
-        parts.append("## Perplexity against tokens read\n\n" + perplexity_table(summary["perplexity"]))
+        parts.append("## Perplexity against tokens read\n\nPerplexity of each window of tokens read "
+                     "(the column says where the window ends).\n\n" + perplexity_table(summary["perplexity"]))
     return "\n\n".join(parts) + "\n"
