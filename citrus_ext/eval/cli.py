@@ -32,6 +32,11 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    (value,) = _ints(text)
+    return value
+
+
 def _depths(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -102,14 +107,14 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                            help="document lengths in tokens (default: 2048,...,32768)")
     retrieval.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                            help="needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
-    retrieval.add_argument("--samples", type=int, default=4, help="samples per cell (default: 4)")
-    retrieval.add_argument("--max-new-tokens", type=int, default=32, help="longest answer (default: 32)")
+    retrieval.add_argument("--samples", type=_positive, default=4, help="samples per cell (default: 4)")
+    retrieval.add_argument("--max-new-tokens", type=_positive, default=32, help="longest answer (default: 32)")
     _common(retrieval, runner.RETRIEVAL_METHODS, f"{RESULTS}/eval_retrieval")
     perplexity = commands.add_parser("perplexity", help="long-range perplexity of the KJV Bible",
                                      description="Perplexity of the KJV text against tokens read; resumable.")
-    perplexity.add_argument("--length", type=int, default=262144,
+    perplexity.add_argument("--length", type=_positive, default=262144,
                             help="tokens to read (default: 262144); `full` stops at the window")
-    perplexity.add_argument("--window-tokens", type=int, default=1024,
+    perplexity.add_argument("--window-tokens", type=_positive, default=1024,
                             help="tokens per perplexity window (default: 1024)")
     perplexity.add_argument("--instruction", default=runner.GENERIC_INSTRUCTION,
                             help=f"instruction of the CItruS modes (default: {runner.GENERIC_INSTRUCTION!r})")
