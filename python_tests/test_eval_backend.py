@@ -1,0 +1,105 @@
+"""The harness's bridge to the library: log-probs read chunk by chunk, and answers, on a tiny model."""
+import pytest
+import torch
+
+import citrus_ext
+
+pytestmark = pytest.mark.skipif(not hasattr(citrus_ext, "ChunkedReader"),
+                                reason="needs the chunked reader of the HF integration")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def _reference_nll(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+
+
+def test_read_logprobs_without_eviction_matches_one_forward(tiny_llama):
+    from citrus_ext.eval.backend import read_logprobs
+
+    ids = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    reference = _reference_nll(tiny_llama, ids)
+    for method, budget in (("full", 150), ("cse", 200)):  # a budget above the length evicts nothing
+        nll, stats = read_logprobs(tiny_llama, ids, method, budget, 32, [5, 6, 7])
+        assert len(nll) == 149 and stats["tokens_read"] == 150
+        torch.testing.assert_close(torch.tensor(nll), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cse", "citrus_shared", "citrus_individual", "streaming_llm"])
+def test_read_logprobs_with_eviction(tiny_llama, method):
+    from citrus_ext.eval.backend import read_logprobs
+
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    done = []
+    nll, stats = read_logprobs(tiny_llama, ids, method, 48, 32, [5, 6, 7], lambda d, t: done.append((d, t)))
+    assert len(nll) == 199 and all(x > 0 for x in nll)
+    assert done[-1] == (7, 7)
+    assert max(stats["peak_states_per_layer"]) <= 2 * (48 + 2 * 32)  # two caches for individual
+    # The first chunk is read with an empty cache: its log-probs cannot depend on the policy.
+    torch.testing.assert_close(torch.tensor(nll[:31]), _reference_nll(tiny_llama, ids[:32]), rtol=1e-4, atol=1e-4)
+
+
+def test_model_info(tiny_llama):
+    from citrus_ext.eval.backend import model_info
+
+    info = model_info(tiny_llama)
+    assert info["window"] == 512 and info["layers"] == 2
+    assert info["kv_bytes_per_state"] == 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
+
+
+class _ModTokenizer:
+    """Words to ids below the tiny model's vocabulary; no chat template (plain prompt split)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        import re
+        import zlib
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[5 + zlib.crc32(w.encode()) % 90 for w in re.findall(r"\s*\S+", text)])
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("method", ["cse", "citrus_shared", "citrus_individual"])
+def test_answer_fn_matches_citrus_answer_and_reports_needle_retention(tiny_llama, method):
+    from citrus_ext.eval.backend import answer_fn
+
+    tokenizer = _ModTokenizer()
+    document = " ".join(f"w{i % 37}" for i in range(160))
+    kwargs = dict(method=method, budget=40, chunk_size=32, max_new_tokens=6)
+    ours = answer_fn(tiny_llama, tokenizer)(document, "what was said", needle_spans=[(50, 60), (150, 160)],
+                                            **kwargs)
+    reference = citrus_ext.answer(tiny_llama, tokenizer, document, "what was said", **kwargs)
+    assert ours.token_ids == reference.token_ids and ours.text == reference.text
+    read, final = ours.stats["needle_kept_read"], ours.stats["needle_kept_final"]
+    assert len(read) == len(final) == 2
+    # The newest chunk (tokens 128-159) is always in the cache after reading: so is the second needle.
+    assert all(0.5 <= share <= 1.0 for share in read)
+    assert all(0.0 <= share <= 1.0 for share in final)
+
+
+def test_needle_kept_counts_heads_separately():
+    from types import SimpleNamespace
+
+    from citrus_ext.eval.backend import needle_kept
+
+    layer_level = SimpleNamespace(origin=torch.tensor([[[0, 2, 3, 7]]]))
+    head_level = SimpleNamespace(origin=torch.tensor([[[0, 2, 3, 7], [1, 2, 5, 6]]]))
+    cache = SimpleNamespace(layers=[layer_level, head_level])
+    assert needle_kept(cache, torch.tensor([2, 3, 4, 5])) == [0.5, 0.5]  # head 0 keeps 2/4, head 1 keeps 2/4
+    assert needle_kept(cache, torch.tensor([7])) == [1.0, 0.5]
+    assert needle_kept(cache, torch.tensor([], dtype=torch.long)) == []
