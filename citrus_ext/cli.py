@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 for a usage error, 1 for any other failure, 130 on Ctrl-C.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error already printed
+        return stop.code
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
