@@ -265,7 +265,8 @@ def command_demo(args) -> int:
         text, stats = _answer_with_bar(args, model, tokenizer, haystack.text, DEFAULT_QUESTION,
                                        method)
         found = DEFAULT_ANSWER_KEY in text.lower()
-        print(f"\n{method}: {text}")
+        # One line per answer keeps the two side by side even when the model rambles.
+        print(f"\n{method}: {' '.join(text.split())}")
         print(f"  {'found the fact' if found else 'missed the fact'}; peak cache "
               f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s")
     return 0
