@@ -129,14 +129,22 @@ def is_converted_model_dir(path: str | os.PathLike, source: Path | None = None) 
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' per-tensor progress bars; ours is one line per step."""
+def _quiet_transformers(hide_stderr: bool = False):
+    """Silence transformers' progress bars while loading.
+
+    The GGUF reader draws a plain tqdm bar that ignores transformers' switch: it stays as the
+    conversion's progress display unless ``hide_stderr`` sends all of stderr to /dev/null.
+    """
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            if hide_stderr:
+                stack.enter_context(contextlib.redirect_stderr(
+                    stack.enter_context(open(os.devnull, "w"))))
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -242,7 +250,7 @@ def _convert_into(source: Path, target: Path, progress: bool) -> None:
             print(f"citrus: converting {DEFAULT_MODEL_NAME} from {source.name} into {target} "
                   "(first use only, about a minute)", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        with _quiet_transformers():
+        with _quiet_transformers(hide_stderr=not progress):
             _convert_gguf(source, work)
         (work / MARKER_FILE).write_text(json.dumps(_marker(source), indent=2) + "\n")
         if target.exists():
