@@ -128,7 +128,7 @@ def test_killed_conversion_is_redone(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not any((p / "model.safetensors").exists() for p in tmp_path.glob(".*.tmp-*")):
             assert child.poll() is None and time.monotonic() < deadline, "child never started"
             time.sleep(0.1)
