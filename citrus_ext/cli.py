@@ -190,14 +190,30 @@ def run_answer(model, tokenizer, document: str, question: str, *, method: str, b
     Returns
     -------
     tuple of (str, dict)
-        The answer text and its statistics (at least ``document_tokens``, ``peak_cache_states``,
-        ``chunks``, ``seconds``).
+        The answer text and its statistics, see :func:`cli_stats`.
     """
     from citrus_ext import answer
 
     result = answer(model, tokenizer, document, question, method=method, budget=budget,
                     chunk_size=chunk_size, max_new_tokens=max_new_tokens, progress=progress)
-    return result.text.strip(), dict(result.stats)
+    return result.text.strip(), cli_stats(result.stats)
+
+
+def cli_stats(stats: dict) -> dict:
+    """Add the CLI's summary fields to the statistics of :func:`citrus_ext.answer`.
+
+    ``document_tokens``, ``peak_cache_states`` (states held by the fullest layer, at any moment)
+    and ``seconds`` are read from the library's own names (``tokens_read``,
+    ``peak_states_per_layer``, one value per layer, and ``wall_s``) unless it already reports
+    them under the CLI's names; ``chunks`` is passed through.
+    """
+    def pick(cli_name: str, library_name: str):
+        return stats[cli_name] if cli_name in stats else stats[library_name]
+
+    peak = pick("peak_cache_states", "peak_states_per_layer")
+    return {**stats, "document_tokens": pick("document_tokens", "tokens_read"),
+            "peak_cache_states": max(peak) if isinstance(peak, (list, tuple)) else peak,
+            "seconds": pick("seconds", "wall_s"), "chunks": stats["chunks"]}
 
 
 def _load(args):
@@ -273,7 +289,8 @@ def command_demo(args) -> int:
 
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
+    # The library prefixes its messages with "citrus: "; the CLI's own prefix already says it.
+    return lines[0].removeprefix("citrus: ") if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:

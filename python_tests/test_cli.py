@@ -57,8 +57,10 @@ def stub(monkeypatch, tokenizer):
                           budget=budget, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
                           progress=progress, options=options))
         text = " Sit in Dolores Park. " if method == "citrus_shared" else " I don't know. "
-        stats = {"document_tokens": n_tokens, "peak_cache_states": min(n_tokens, budget + chunk_size),
-                 "chunks": chunks, "seconds": 0.25}
+        # The statistics under the library's names (citrus_ext.api.Answer).
+        peak = min(n_tokens, budget + chunk_size)
+        stats = {"tokens_read": n_tokens, "peak_states_per_layer": [peak - 1, peak, peak - 2],
+                 "chunks": chunks, "wall_s": 0.25, "instruction_tokens": 12}
         return SimpleNamespace(text=text, token_ids=[1, 2], stats=stats)
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
@@ -164,6 +166,9 @@ def test_ask_json(stub, document, capsys):
                 "seconds", "chunks", "model"):
         assert key in record
     assert record["answer"] == "Sit in Dolores Park."
+    assert record["peak_cache_states"] == max(record["peak_states_per_layer"])
+    assert record["seconds"] == 0.25
+    assert record["document_tokens"] == record["tokens_read"] and record["instruction_tokens"] == 12
     assert (record["method"], record["budget"], record["chunk_size"]) == ("citrus_shared", 768, 256)
 
 
@@ -173,7 +178,15 @@ def test_ask_reads_stdin(stub, monkeypatch, capsys):
     assert code == 0 and stub[0]["document"] == "Stdin text. " * 10
 
 
-@pytest.mark.parametrize("error,status", [(ValueError("chunk_size must not exceed budget"), 2),
+def test_cli_stats_names():
+    library = {"tokens_read": 900, "peak_states_per_layer": [300, 320], "chunks": 4, "wall_s": 2.5}
+    assert cli.cli_stats(library) == {**library, "document_tokens": 900, "peak_cache_states": 320,
+                                      "seconds": 2.5}
+    own = {"document_tokens": 900, "peak_cache_states": 320, "chunks": 4, "seconds": 2.5}
+    assert cli.cli_stats(own) == own
+
+
+@pytest.mark.parametrize("error,status", [(ValueError("citrus: `budget` must be >= 1"), 2),
                                           (RuntimeError("kernel exploded\nsecond line"), 1)])
 def test_answer_failures_are_one_line(stub, monkeypatch, document, error, status, capsys):
     def failing(*args, **kwargs):
@@ -182,7 +195,7 @@ def test_answer_failures_are_one_line(stub, monkeypatch, document, error, status
     monkeypatch.setattr(citrus_ext, "answer", failing)
     code, out, err = run(["ask", "--document", document, "--question", "q"], capsys)
     assert code == status and out == "" and len(err.strip().splitlines()) == 1
-    assert str(error).splitlines()[0] in err
+    assert str(error).splitlines()[0].removeprefix("citrus: ") in err and "citrus: `" not in err
 
 
 def test_progress_bar(capsys):

@@ -33,8 +33,10 @@ def citrus(*argv, timeout=900):
                           text=True, env=env, timeout=timeout)
 
 
-def cache_bound(budget, chunk_size, max_new_tokens):
-    return budget + 2 * chunk_size + INSTRUCTION_ALLOWANCE + max_new_tokens
+def cache_bound(method, budget, chunk_size, max_new_tokens):
+    one_cache = budget + 2 * chunk_size + INSTRUCTION_ALLOWANCE + max_new_tokens
+    # citrus_individual keeps a second cache for the instruction (SPEC: about 2x KV memory).
+    return 2 * one_cache if method == "citrus_individual" else one_cache
 
 
 def check_record(record, method, budget, chunk_size, max_new_tokens):
@@ -44,7 +46,7 @@ def check_record(record, method, budget, chunk_size, max_new_tokens):
     assert (record["method"], record["budget"], record["chunk_size"]) == (method, budget, chunk_size)
     assert record["seconds"] > 0 and record["chunks"] >= 1
     if method != "full":
-        assert record["peak_cache_states"] <= cache_bound(budget, chunk_size, max_new_tokens)
+        assert record["peak_cache_states"] <= cache_bound(method, budget, chunk_size, max_new_tokens)
 
 
 @pytest.mark.slow
