@@ -275,7 +275,8 @@ def command_demo(args) -> int:
           + (f" (the model's window is {window:,})" if window else ""))
     print(f"Hidden at {haystack.depth:.0%} depth: {haystack.needle}")
     print(f"Question: {DEFAULT_QUESTION}")
-    print(f"Budget: {args.budget} states per layer, chunks of {args.chunk_size} tokens")
+    # Flushed: each reading takes minutes on a CPU, and stdout may be a pipe.
+    print(f"Budget: {args.budget} states per layer, chunks of {args.chunk_size} tokens", flush=True)
     for method in DEMO_METHODS:
         text, stats = _answer_with_bar(args, model, tokenizer, haystack.text, DEFAULT_QUESTION,
                                        method)
@@ -283,7 +284,7 @@ def command_demo(args) -> int:
         # One line per answer keeps the two side by side even when the model rambles.
         print(f"\n{method}: {' '.join(text.split())}")
         print(f"  {'found the fact' if found else 'missed the fact'}; peak cache "
-              f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s")
+              f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s", flush=True)
     return 0
 
 
