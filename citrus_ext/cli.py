@@ -284,7 +284,8 @@ def command_demo(args) -> int:
         # One line per answer keeps the two side by side even when the model rambles.
         print(f"\n{method}: {' '.join(text.split())}")
         print(f"  {'found the fact' if found else 'missed the fact'}; peak cache "
-              f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s", flush=True)
+              f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s",
+              flush=True)
     return 0
 
 
