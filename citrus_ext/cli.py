@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .eval.cli import add_eval_subparser
 from .models import DEFAULT_MODEL_NAME, DTYPES
 
 # The methods of citrus_ext.answer, CItruS first, then the baselines.
@@ -59,11 +60,11 @@ def _depth(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of the ``citrus`` command (sub-commands ``ask`` and ``demo``)."""
+    """Return the parser of the ``citrus`` command (sub-commands ``ask``, ``demo`` and ``eval``)."""
     parser = _Parser(prog="citrus", description="Answer questions about documents far longer than "
                      "the model's context window, with CItruS KV-cache eviction.")
     parser.add_argument("--version", action="version", version=f"citrus_ext {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{ask,demo}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{ask,demo,eval}", parser_class=_Parser)
 
     def common(sub: argparse.ArgumentParser, budget_help: str):
         sub.add_argument("--budget", type=_positive_int, default=768, metavar="K", help=budget_help)
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="filler: Paul Graham essays or the King James Bible (default: essays)")
     common(demo, "KV states kept per layer between chunks (default: 768)")
     demo.set_defaults(handler=command_demo)
+    add_eval_subparser(commands)
     return parser
 
 

@@ -231,3 +231,12 @@ def test_module_entry_point_has_no_traceback(tmp_path):
                            "--question", "q"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"citrus ask: error: {empty} is empty"]
+
+
+def test_eval_is_a_citrus_command(tmp_path, capsys):
+    """`citrus eval` reaches the evaluation harness (listing cells needs no model)."""
+    code, out, _ = run(["eval", "retrieval", "--out", tmp_path, "--list", "--tasks", "passkey", "--methods", "cse",
+                        "--budgets", "256", "--chunk-sizes", "256", "--lengths", "2048", "--depths", "0.5",
+                        "--samples", "1"], capsys)
+    assert code == 0
+    assert out.split() == ["todo", "passkey__L2048__d0.5__s0__cse__b256__c256"]
