@@ -93,6 +93,7 @@ def test_no_command(capsys):
     (["ask", "--document", "DOC", "--question", "q", "--budget", "0"], "at least 1"),
     (["ask", "--document", "DOC", "--question", "q", "--budget", "-5"], "at least 1"),
     (["ask", "--document", "DOC", "--question", "q", "--budget", "lots"], "positive integer"),
+    (["ask", "--document", "DOC", "--question", "q", "--pool", "4"], "must be odd"),
     (["ask", "--document", "DOC", "--question", "q", "--chunk-size", "0"], "at least 1"),
     (["ask", "--document", "DOC", "--question", "q", "--max-new-tokens", "0"], "at least 1"),
     (["ask", "--document", "DOC", "--question", "q", "--dtype", "int3"], "invalid choice"),
@@ -215,9 +216,10 @@ def test_demo(stub, capsys):
                         "--quiet"], capsys)
     assert code == 0
     assert [c["method"] for c in stub] == ["citrus_shared", "streaming_llm"]
+    assert stub[0]["options"] == {"pool": 7} and stub[1]["options"] == {}
     assert stub[0]["document"] == stub[1]["document"] and "Dolores Park" in stub[0]["document"]
     assert "tokens of Paul Graham essays" in out and "window is 8,192" in out
-    assert "citrus_shared: Sit in Dolores Park." in out and "found the fact" in out
+    assert "citrus_shared (pool 7): Sit in Dolores Park." in out and "found the fact" in out
     assert "streaming_llm: I don't know." in out and "missed the fact" in out
     assert out.count("peak cache 192 states") == 2
 

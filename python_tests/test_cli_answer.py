@@ -81,19 +81,18 @@ def test_methods(method, tmp_path, tokenizer, capsys):
     check_record(json.loads(out), method, 256, 128, 8)
 
 
-@pytest.mark.xfail(strict=False, reason="measured 2026-11-22 on the hf branch: citrus_shared with the "
-                   "paper's defaults answered 'to live in a world where technology ...' (SPEC.md: "
-                   "the defaults often lose the needle on this 135M model)")
 def test_citrus_finds_a_fact_within_reach(tmp_path, tokenizer, capsys):
-    # ~1.5k tokens with a 768-state budget: eviction happens, but the needle can be kept.
+    """~1.5k tokens, a 768-state budget: eviction happens, and with neighbour pooling the fact is
+    kept. (With the paper's defaults, --pool 1, this 135M model kept the sentence frame and lost the
+    fact, as SPEC.md reports of every press it tried: measured 2026-11-22.)"""
     hay = texts.build_haystack(tokenizer, 1500, depth=0.5, source="essays")
     path = tmp_path / "doc.txt"
     path.write_text(hay.text, encoding="utf-8")
     code = cli.main(["ask", "--document", str(path), "--question", texts.DEFAULT_QUESTION,
-                     "--quiet", "--max-new-tokens", "32"])
+                     "--quiet", "--max-new-tokens", "32", "--pool", "7"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert texts.DEFAULT_ANSWER_KEY in out.lower()
+    assert texts.DEFAULT_ANSWER_KEY in out.lower(), out
 
 
 def test_demo_prints_both_answers():
@@ -101,5 +100,5 @@ def test_demo_prints_both_answers():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "tokens of Paul Graham essays" in out and "Question:" in out
-    assert "\ncitrus_shared: " in out and "\nstreaming_llm: " in out
+    assert "\ncitrus_shared (pool 7): " in out and "\nstreaming_llm: " in out
     assert out.count("peak cache") == 2 and out.count(" s\n") >= 2

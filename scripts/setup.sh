@@ -17,6 +17,11 @@ $VPY -m pip install -q --no-deps -r requirements-models-nodeps.txt
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-echo "building citrus_ext (CUDA_HOME=${CUDA_HOME:-none}, CITRUS_FORCE_CPU=${CITRUS_FORCE_CPU:-0})" >&2
-$VPY -m pip install -q --no-build-isolation -e .
+so=$(ls citrus_ext/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" 2>/dev/null)" ] && $VPY -m pip show -q citrus_ext >/dev/null 2>&1; then
+  echo "citrus_ext is built and up to date ($so)" >&2  # a second setup (test.sh, then demo.sh) skips the rebuild
+else
+  echo "building citrus_ext (CUDA_HOME=${CUDA_HOME:-none}, CITRUS_FORCE_CPU=${CITRUS_FORCE_CPU:-0})" >&2
+  $VPY -m pip install -q --no-build-isolation -e .
+fi
 $VPY -c "import citrus_ext, torch; print('citrus_ext', citrus_ext.__version__, 'built with CUDA:', citrus_ext._C.with_cuda, 'torch', torch.__version__)"

@@ -58,8 +58,8 @@ def answer_fn(model, tokenizer) -> Callable:
         kept_read = needle_kept(reader.answer_cache, needle)
         reader.prune(instr)
         kept_final = needle_kept(reader.answer_cache, needle)
-        tokens = reader.decode(reader.encode_instruction(instr), max_new_tokens,
-                               compat.eos_token_ids(model, tokenizer))
+        (tokens,) = reader.decode(reader.encode_instruction(instr), max_new_tokens,
+                                  compat.eos_token_ids(model, tokenizer))  # one row
         stats = reader.stats()
         stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start,
                      needle_kept_read=kept_read, needle_kept_final=kept_final)
