@@ -280,6 +280,18 @@ def _magic(key: str, value: str) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
 
 
+def _keyed_needles(tokenizer, n_tokens: int, depth: float, seed: int, n: int):
+    """``n`` distinct keys, each with its 7-digit number, composed into filler: the first needle at
+    ``depth``, the others at seeded random depths. Returns (keys, values, text, spans)."""
+    _check(n_tokens, depth)
+    rng = random.Random(seed)
+    keys = _keys(rng, n)
+    values = [_number(rng, 7) for _ in keys]
+    depths = [depth] + _other_depths(rng, n - 1)
+    text, spans = compose(tokenizer, n_tokens, [(d, _magic(k, v)) for d, k, v in zip(depths, keys, values)])
+    return keys, values, text, spans
+
+
 def multikey(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_keys: int = 4) -> Sample:
     """RULER multi-key NIAH: ``n_keys`` key/number needles, one key asked.
 
@@ -298,13 +310,7 @@ def multikey(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_keys: int 
     -------
     Sample
     """
-    _check(n_tokens, depth)
-    rng = random.Random(seed)
-    keys = _keys(rng, n_keys)
-    values = [_number(rng, 7) for _ in keys]
-    depths = [depth] + _other_depths(rng, n_keys - 1)
-    text, spans = compose(tokenizer, n_tokens,
-                          [(d, _magic(k, v)) for d, k, v in zip(depths, keys, values)])
+    keys, values, text, spans = _keyed_needles(tokenizer, n_tokens, depth, seed, n_keys)
     instruction = (f"What is the special magic number for {keys[0]} mentioned in the text above? "
                    "Answer with the number only.")
     return _finish("multikey", tokenizer, text, spans, instruction, [values[0]], values[0], seed)
@@ -355,13 +361,7 @@ def multiquery(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_queries:
     -------
     Sample
     """
-    _check(n_tokens, depth)
-    rng = random.Random(seed)
-    keys = _keys(rng, n_queries)
-    values = [_number(rng, 7) for _ in keys]
-    depths = [depth] + _other_depths(rng, n_queries - 1)
-    text, spans = compose(tokenizer, n_tokens,
-                          [(d, _magic(k, v)) for d, k, v in zip(depths, keys, values)])
+    keys, values, text, spans = _keyed_needles(tokenizer, n_tokens, depth, seed, n_queries)
     instruction = (f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} "
                    "mentioned in the text above? Answer with the numbers only, in that order, "
                    "separated by commas.")
