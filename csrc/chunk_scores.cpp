@@ -18,7 +18,7 @@ namespace {
 
 // Logit tile budget per thread (floats): big enough that BLAS runs at full speed and the key
 // matrix is re-read only a few times, small enough to stay far below [Hq, Lq, L].
-constexpr int64_t kTileFloats = int64_t(1) << 21;
+constexpr int64_t kTileFloats = int64_t(1) << 20;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CITRUS_CLONES __attribute__((target_clones("arch=haswell", "default")))
