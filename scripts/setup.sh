@@ -17,7 +17,7 @@ $VPY -m pip install -q --no-deps -r requirements-models-nodeps.txt
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-so=$(ls citrus_ext/_C*.so 2>/dev/null | head -n 1)
+so=$(ls citrus_ext/_C*.so 2>/dev/null | head -n 1 || true)  # no match is fine: then we build
 if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" 2>/dev/null)" ] && $VPY -m pip show -q citrus_ext >/dev/null 2>&1; then
   echo "citrus_ext is built and up to date ($so)" >&2  # a second setup (test.sh, then demo.sh) skips the rebuild
 else
