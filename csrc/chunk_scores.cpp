@@ -2,9 +2,9 @@
 //   score[j] = mean over query heads h and queries t of exp(q[h,t]·k[j]·scale − lse[h,t]),
 // without materialising the [Hq, Lq, L] probabilities. Each (batch, KV head) pair stacks the
 // G = Hq/Hkv query heads of its group into G·Lq rows that share one key matrix; rows are taken
-// a block at a time, so only a [rows, L] tile of logits exists per thread. Per row one fused
-// pass turns logits into exp(x − max) in place and sums them (one exp per element), and a
-// matrix-vector product with the rows' 1/sum adds the tile's columns into the scores.
+// a block at a time, so only a [rows, L] tile of logits exists per thread; ATen's vectorised
+// exp runs once per logit, in place, and column sums (or a gemv with the rows' 1/sum) add the
+// tile into the scores.
 #include "checks.h"
 
 #include <ATen/ATen.h>
@@ -20,53 +20,6 @@ namespace {
 // matrix is re-read only a few times, small enough to stay far below [Hq, Lq, L].
 constexpr int64_t kTileFloats = int64_t(1) << 20;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CITRUS_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define CITRUS_CLONES
-#endif
-
-// exp(x) for float, written so the compiler vectorises the loops that call it (Cephes-style
-// range reduction and degree-6 polynomial, ~1 ulp). Arguments below -87.3 give exactly 0, so
-// masked (-inf) logits vanish.
-__attribute__((always_inline)) inline float exp_approx(float x) {
-  const float clamped = x > -87.3f ? x : -87.3f;  // (no std::max: it would not inline here)
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n from the exponent bits. Unsigned arithmetic and __builtin_bit_cast (not memcpy) keep the
-  // loop vectorisable under Python's -fwrapv.
-  const int32_t bits =
-      static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(n)) + 127u) << 23);
-  const float two_n = __builtin_bit_cast(float, bits);
-  return x < -87.3f ? 0.0f : p * two_n;
-}
-
-CITRUS_CLONES float max_of(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// x[i] <- exp(x[i] − shift); returns the sum of the new values.
-CITRUS_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_approx(x[i] - shift);
-    x[i] = e;
-    s += e;
-  }
-  return s;
-}
-
 // Adds, over the rows of one (batch, KV head) group, exp(logit − lse) on the cache columns.
 // q: [rows, D] fp32 scaled, k: [L, D] fp32, lse: [rows] fp32 or undefined, acc: [Lc] fp32.
 // Rows [r0, r0 + nr) are row r's query t = r mod Lq.
@@ -75,25 +28,23 @@ void score_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
   // With a given lse only the cache columns are needed; otherwise the own keys join the normaliser.
   const int64_t ncols = lse.defined() ? Lc : k.size(0);
   at::Tensor logits = at::mm(q.narrow(0, r0, nr), k.narrow(0, 0, ncols).t());
-  at::Tensor coef = at::empty({nr}, logits.options());
   float* data = logits.data_ptr<float>();
-  float* cp = coef.data_ptr<float>();
-  const float* lp = lse.defined() ? lse.data_ptr<float>() + r0 : nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < nr; ++r) {
     float* x = data + r * ncols;
-    if (lp) {
-      exp_shift_sum(x, valid_cache, lp[r]);
-      cp[r] = 1.0f;
-    } else {
-      // Query t sees the valid cache and its own keys 0..t (causal); padding is seen by none.
-      const int64_t own = (r0 + r) % Lq + 1;
-      const float m = std::max(max_of(x, valid_cache), max_of(x + Lc, own));
-      const float s = exp_shift_sum(x, valid_cache, m) + exp_shift_sum(x + Lc, own, m);
-      cp[r] = 1.0f / s;
-    }
-    std::fill(x + valid_cache, x + Lc, 0.0f);
+    // Padding between the valid cache and the own keys is seen by no query; query t sees its
+    // own keys 0..t only (causal).
+    std::fill(x + valid_cache, x + Lc, neg_inf);
+    if (!lse.defined()) std::fill(x + Lc + (r0 + r) % Lq + 1, x + ncols, neg_inf);
   }
-  acc.addmv_(logits.narrow(1, 0, Lc).t(), coef);
+  if (lse.defined()) {
+    logits.sub_(lse.narrow(0, r0, nr).unsqueeze(1)).exp_();
+    acc.add_(logits.sum(0));
+  } else {
+    // exp(x − max) once per logit; the rows' 1/sum then weigh the cache columns (one gemv).
+    logits.sub_(at::amax(logits, {1}, /*keepdim=*/true)).exp_();
+    acc.addmv_(logits.narrow(1, 0, Lc).t(), logits.sum(1).reciprocal_());
+  }
 }
 
 at::Tensor chunk_scores_cpu(const at::Tensor& query, const at::Tensor& key, double scale,
