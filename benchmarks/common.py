@@ -49,7 +49,7 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def median_time(fn, device: str, warmup: int = 2, iters: int = 5, min_seconds: float = 0.0) -> float:
+def median_time(fn, device: str, warmup: int = 2, iters: int = 5) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
@@ -64,8 +64,7 @@ def median_time(fn, device: str, warmup: int = 2, iters: int = 5, min_seconds: f
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
-    began = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - began < min_seconds:
+    for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
