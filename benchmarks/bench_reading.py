@@ -15,14 +15,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
 
-from citrus_ext import ChunkedReader, make_policy
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from citrus_ext import ChunkedReader, make_policy  # noqa: E402
+from common import environment  # noqa: E402
 
 METHODS = ["cse", "citrus_shared", "citrus_individual", "full", "streaming_llm", "h2o", "tova", "snapkv"]
 
@@ -90,10 +94,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "bench_reading",
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "environment": environment("cpu"),
         "model": "SmolLM2-135M-shaped random LlamaForCausalLM",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": [],

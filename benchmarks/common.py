@@ -25,6 +25,7 @@ def environment(device: str) -> dict:
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
+        "commit": _commit(),
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
@@ -36,6 +37,19 @@ def environment(device: str) -> dict:
     except ImportError:
         pass
     return env
+
+
+def _commit() -> str:
+    """The checked-out commit, with "+dirty" when the tree has changes; "" outside a git clone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu_name() -> str:

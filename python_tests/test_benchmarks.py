@@ -19,7 +19,7 @@ def test_bench_ops_quick(tmp_path):
     out = tmp_path / "ops.json"
     table = run_script("benchmarks/bench_ops.py", "--quick", "--out", out)
     result = json.loads(out.read_text())
-    assert {"date", "device", "torch", "cpu"} <= set(result["environment"])
+    assert {"date", "device", "torch", "cpu", "commit"} <= set(result["environment"])
     ops = {(r["heads"], r["op"]) for r in result["results"]}
     assert ops == {(h, op) for h in ("smollm2", "llama3_8b")
                    for op in ("chunk_scores", "segmented_topk", "compact_kv", "evict")}
@@ -33,6 +33,7 @@ def test_bench_reading_small(tmp_path):
     run_script("benchmarks/bench_reading.py", "--lengths", 600, "--methods", "cse", "full", "--budget", 128,
                "--chunk-size", 128, "--new-tokens", 2, "--instruction-tokens", 8, "--out", out)
     result = json.loads(out.read_text())
+    assert {"date", "device", "torch", "transformers", "cpu", "commit"} <= set(result["environment"])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"cse", "full"}
     assert rows["cse"]["peak_states"] < rows["full"]["peak_states"]
