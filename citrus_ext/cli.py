@@ -278,7 +278,7 @@ def command_ask(args) -> int:
 
 def command_demo(args) -> int:
     """Run ``citrus demo``: the same hidden fact asked for with CItruS and with StreamingLLM."""
-    from .texts import (DEFAULT_ANSWER_KEY, DEFAULT_NEEDLE, DEFAULT_QUESTION, TextSourceError,
+    from .texts import (DEFAULT_FACT_TERMS, DEFAULT_NEEDLE, DEFAULT_QUESTION, TextSourceError,
                         build_haystack)
 
     model, tokenizer = _load(args)
@@ -300,14 +300,24 @@ def command_demo(args) -> int:
         options = {"pool": args.pool} if method == "citrus_shared" else {}
         text, stats = _answer_with_bar(args, model, tokenizer, haystack.text, DEFAULT_QUESTION,
                                        method, **options)
-        found = DEFAULT_ANSWER_KEY in text.lower()
         # One line per answer keeps the two side by side even when the model rambles.
         label = f"{method} (pool {args.pool})" if options else method
         print(f"\n{label}: {' '.join(text.split())}")
-        print(f"  {'found the fact' if found else 'missed the fact'}; peak cache "
+        print(f"  {_recall_verdict(text, DEFAULT_FACT_TERMS)}; peak cache "
               f"{stats['peak_cache_states']:,} states per layer; {stats['seconds']:.1f} s",
               flush=True)
     return 0
+
+
+def _recall_verdict(text: str, terms) -> str:
+    """How much of the hidden fact an answer recalls, by its key terms (all, some, none)."""
+    found = [term for term in terms if term in text.lower()]
+    if len(found) == len(terms):
+        return "recalled the fact (" + ", ".join(found) + ")"
+    if found:
+        missing = [term for term in terms if term not in found]
+        return f"recalled part of the fact ({', '.join(found)}; not {', '.join(missing)})"
+    return "missed the fact"
 
 
 def _first_line(err: BaseException) -> str:

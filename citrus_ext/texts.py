@@ -31,7 +31,10 @@ SOURCES = ("essays", "kjv")
 DEFAULT_NEEDLE = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
                   "on a sunny day.")
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
-# Lower-case words that a correct answer to DEFAULT_QUESTION contains.
+# Lower-case key terms of DEFAULT_NEEDLE, none of them a likely guess: an answer recalls the fact
+# to the extent it contains them (a small model often recalls "sandwich" but not the park).
+DEFAULT_FACT_TERMS = ("sandwich", "dolores park")
+# The term a fully correct answer to DEFAULT_QUESTION must contain.
 DEFAULT_ANSWER_KEY = "dolores park"
 
 # End of a sentence: terminal punctuation, optional closing quotes/brackets, then whitespace.

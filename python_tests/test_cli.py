@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import citrus_ext
-from citrus_ext import cli, models
+from citrus_ext import cli, models, texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,9 +219,19 @@ def test_demo(stub, capsys):
     assert stub[0]["options"] == {"pool": 7} and stub[1]["options"] == {}
     assert stub[0]["document"] == stub[1]["document"] and "Dolores Park" in stub[0]["document"]
     assert "tokens of Paul Graham essays" in out and "window is 8,192" in out
-    assert "citrus_shared (pool 7): Sit in Dolores Park." in out and "found the fact" in out
+    assert "citrus_shared (pool 7): Sit in Dolores Park." in out
+    assert "recalled part of the fact (dolores park; not sandwich)" in out
     assert "streaming_llm: I don't know." in out and "missed the fact" in out
     assert out.count("peak cache 192 states") == 2
+
+
+@pytest.mark.parametrize("answer, verdict", [
+    ("Eat a sandwich and sit in Dolores Park.", "recalled the fact (sandwich, dolores park)"),
+    ("To eat a SANDWICH.", "recalled part of the fact (sandwich; not dolores park)"),
+    ("Visit the Golden Gate Bridge.", "missed the fact"),
+])
+def test_recall_verdict(answer, verdict):
+    assert cli._recall_verdict(answer, texts.DEFAULT_FACT_TERMS) == verdict
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):
