@@ -110,7 +110,9 @@ def main() -> None:
                         peak = run_isolated([os.path.abspath(__file__), "--worker", json.dumps(spec)])["peak_bytes"]
                     row[f"{impl}_peak_mb"] = round(peak / 2**20, 2)
                 row["speedup"] = round(row["reference_ms"] / row["citrus_ms"], 2)
-                row["memory_ratio"] = round(row["reference_peak_mb"] / max(row["citrus_peak_mb"], 1e-3), 1)
+                # Below 0.01 MB (a page or two) the RSS reading is noise: no ratio rather than a huge one.
+                if row["citrus_peak_mb"] >= 0.01:
+                    row["memory_ratio"] = round(row["reference_peak_mb"] / row["citrus_peak_mb"], 1)
                 rows.append(row)
                 print(f"{heads:10s} {mode:8s} {op:15s} citrus {row['citrus_ms']:9.3f} ms  reference "
                       f"{row['reference_ms']:9.3f} ms  x{row['speedup']}", file=sys.stderr, flush=True)

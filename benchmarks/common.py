@@ -116,7 +116,11 @@ def peak_extra_bytes(fn, device: str) -> int:
 
 def run_isolated(argv: list[str]) -> dict:
     """Runs ``python argv...`` and parses the JSON object it prints last."""
-    out = subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True)
+    # A fixed mmap threshold makes glibc map every large block afresh and unmap it on free: with
+    # its default (a threshold that grows after each free), the warm-up call's freed blocks stay
+    # resident and the measured call's allocations would not raise the high-water mark.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
