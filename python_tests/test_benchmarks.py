@@ -1,16 +1,11 @@
 """The README's benchmark commands run and write well-formed results (small settings)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from procs import ROOT, run_python
 
 
 def run_script(*argv):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = run_python(*argv, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

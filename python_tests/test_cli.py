@@ -6,18 +6,15 @@ a stub stands in for ``citrus_ext.answer`` and for the model (tests with the rea
 """
 import io
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import citrus_ext
 from citrus_ext import cli, models, texts
+from procs import run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(argv, capsys):
@@ -236,11 +233,9 @@ def test_recall_verdict(answer, verdict):
 
 def test_module_entry_point_has_no_traceback(tmp_path):
     # The real process: python -m citrus_ext, as `citrus` runs it.
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     empty = tmp_path / "empty.md"
     empty.write_text("")
-    done = subprocess.run([sys.executable, "-m", "citrus_ext", "ask", "--document", str(empty),
-                           "--question", "q"], capture_output=True, text=True, env=env, timeout=120)
+    done = run_python("-m", "citrus_ext", "ask", "--document", empty, "--question", "q", timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"citrus ask: error: {empty} is empty"]
 

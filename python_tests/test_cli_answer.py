@@ -3,16 +3,12 @@
 These run the model on CPU; the 20k-token test (marked slow) takes minutes on 2 cores.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from citrus_ext import cli, models, texts
+from procs import run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("answer", "method", "budget", "chunk_size", "document_tokens", "peak_cache_states",
           "chunks", "seconds")
 # Past the budget, a layer may hold the newest chunk (twice while encoding it), the instruction
@@ -28,9 +24,7 @@ def tokenizer():
 
 
 def citrus(*argv, timeout=3600):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "citrus_ext", *map(str, argv)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return run_python("-m", "citrus_ext", *argv, timeout=timeout)
 
 
 def cache_bound(method, budget, chunk_size, max_new_tokens):

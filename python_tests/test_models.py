@@ -4,7 +4,6 @@ The first run converts SmolLM2-135M-Instruct into the user cache (about a minute
 later runs load it in about a second. The atomicity tests replace the converter by a fast fake.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,8 @@ import pytest
 import torch
 
 from citrus_ext import models
+from procs import child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +124,7 @@ def test_killed_conversion_is_redone(tmp_path, monkeypatch):
         models._convert_gguf = hang
         models.ensure_default_model({str(tmp_path)!r}, progress=False)
     """)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen([sys.executable, "-c", script], env=env)
+    child = subprocess.Popen([sys.executable, "-c", script], env=child_env())
     try:
         deadline = time.monotonic() + 120
         while not any((p / "model.safetensors").exists() for p in tmp_path.glob(".*.tmp-*")):

@@ -5,15 +5,14 @@ which names the file that runs it and a string that file must contain; so a READ
 runs, or a runner that stops running it, fails this test.
 """
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from procs import ROOT, run_python
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 COMMAND_START = ("bash ", "python ", "citrus ", "pip ", "cmake ", ".venv/")
 
@@ -112,10 +111,8 @@ def test_cli_ask_line_runs_as_written(tmp_path):
     write_report(tmp_path / "report.txt")
     line = next(c for c in shell_commands() if c.startswith("citrus ask "))
     question = re.search(r'--question "([^"]+)"', line).group(1)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "citrus_ext", "ask", "--document", "report.txt",
-                           "--question", question, "--json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    done = run_python("-m", "citrus_ext", "ask", "--document", "report.txt", "--question", question,
+                      "--json", cwd=tmp_path, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout)
     assert record["document_tokens"] > 2000 and isinstance(record["answer"], str)
@@ -126,9 +123,7 @@ def test_gpu_commands_refuse_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: benchmarks/run_gpu_suite.sh runs these for real")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "benchmarks/bench_cuda_ops.py"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = run_python("benchmarks/bench_cuda_ops.py", cwd=ROOT, timeout=600)
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
     syntax = subprocess.run(["bash", "-n", "benchmarks/run_gpu_suite.sh"], cwd=ROOT, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
