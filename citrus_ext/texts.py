@@ -35,7 +35,7 @@ DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
 # to the extent it contains them (a small model often recalls "sandwich" but not the park).
 DEFAULT_FACT_TERMS = ("sandwich", "dolores park")
 # The term a fully correct answer to DEFAULT_QUESTION must contain.
-DEFAULT_ANSWER_KEY = "dolores park"
+DEFAULT_ANSWER_KEY = DEFAULT_FACT_TERMS[1]
 
 # End of a sentence: terminal punctuation, optional closing quotes/brackets, then whitespace.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
