@@ -27,15 +27,18 @@ from pathlib import Path
 
 SOURCES = ("essays", "kjv")
 
-# The classic needle of Kamradt's needle-in-a-haystack test, and its question.
-DEFAULT_NEEDLE = ("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
-                  "on a sunny day.")
-DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
-# Lower-case key terms of DEFAULT_NEEDLE, none of them a likely guess: an answer recalls the fact
-# to the extent it contains them (a small model often recalls "sandwich" but not the park).
-DEFAULT_FACT_TERMS = ("sandwich", "dolores park")
-# The term a fully correct answer to DEFAULT_QUESTION must contain.
-DEFAULT_ANSWER_KEY = DEFAULT_FACT_TERMS[1]
+# The demo's fact: about nothing the essays discuss, so a model can only answer from it, with a
+# name no model guesses, stated twice as the passkey task states its key. (Kamradt's San Francisco
+# needle sits inside essays about startups: SmolLM2-135M answered "start a startup" from the
+# surrounding text. Stated once, this fact was recalled at some depths and lengths and not others.
+# Measured 2026-11-22, docs/cli.md.)
+DEFAULT_NEEDLE = ("My neighbour Dolores has a grey cat named Biscuit. Remember it: the name of "
+                  "Dolores's cat is Biscuit.")
+DEFAULT_QUESTION = "What is the name of Dolores's cat?"
+# Lower-case key terms of DEFAULT_NEEDLE that an answer recalling the fact contains.
+DEFAULT_FACT_TERMS = ("biscuit",)
+# The term a correct answer to DEFAULT_QUESTION must contain.
+DEFAULT_ANSWER_KEY = DEFAULT_FACT_TERMS[0]
 
 # End of a sentence: terminal punctuation, optional closing quotes/brackets, then whitespace.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")

@@ -53,7 +53,7 @@ def stub(monkeypatch, tokenizer):
         calls.append(dict(document=document, instruction=instruction, method=method,
                           budget=budget, chunk_size=chunk_size, max_new_tokens=max_new_tokens,
                           progress=progress, options=options))
-        text = " Sit in Dolores Park. " if method == "citrus_shared" else " I don't know. "
+        text = " Her cat is named Biscuit. " if method == "citrus_shared" else " I don't know. "
         # The statistics under the library's names (citrus_ext.api.Answer).
         peak = min(n_tokens, budget + chunk_size)
         stats = {"tokens_read": n_tokens, "peak_states_per_layer": [peak - 1, peak, peak - 2],
@@ -163,7 +163,7 @@ def test_ask_json(stub, document, capsys):
     for key in ("answer", "method", "budget", "chunk_size", "document_tokens", "peak_cache_states",
                 "seconds", "chunks", "model"):
         assert key in record
-    assert record["answer"] == "Sit in Dolores Park."
+    assert record["answer"] == "Her cat is named Biscuit."
     assert record["peak_cache_states"] == max(record["peak_states_per_layer"])
     assert record["seconds"] == 0.25
     assert record["document_tokens"] == record["tokens_read"] and record["instruction_tokens"] == 12
@@ -214,21 +214,26 @@ def test_demo(stub, capsys):
     assert code == 0
     assert [c["method"] for c in stub] == ["citrus_shared", "streaming_llm"]
     assert stub[0]["options"] == {"pool": 7} and stub[1]["options"] == {}
-    assert stub[0]["document"] == stub[1]["document"] and "Dolores Park" in stub[0]["document"]
+    assert stub[0]["document"] == stub[1]["document"] and texts.DEFAULT_NEEDLE in stub[0]["document"]
+    assert stub[0]["instruction"] == texts.DEFAULT_QUESTION
     assert "tokens of Paul Graham essays" in out and "window is 8,192" in out
-    assert "citrus_shared (pool 7): Sit in Dolores Park." in out
-    assert "recalled part of the fact (dolores park; not sandwich)" in out
+    assert "citrus_shared (pool 7): Her cat is named Biscuit." in out
+    assert "recalled the fact (biscuit)" in out
     assert "streaming_llm: I don't know." in out and "missed the fact" in out
     assert out.count("peak cache 192 states") == 2
 
 
-@pytest.mark.parametrize("answer, verdict", [
-    ("Eat a sandwich and sit in Dolores Park.", "recalled the fact (sandwich, dolores park)"),
-    ("To eat a SANDWICH.", "recalled part of the fact (sandwich; not dolores park)"),
-    ("Visit the Golden Gate Bridge.", "missed the fact"),
+@pytest.mark.parametrize("answer, terms, verdict", [
+    ("Eat a sandwich and sit in Dolores Park.", ("sandwich", "dolores park"),
+     "recalled the fact (sandwich, dolores park)"),
+    ("To eat a SANDWICH.", ("sandwich", "dolores park"),
+     "recalled part of the fact (sandwich; not dolores park)"),
+    ("Visit the Golden Gate Bridge.", ("sandwich", "dolores park"), "missed the fact"),
+    ("The cat is called BISCUIT.", texts.DEFAULT_FACT_TERMS, "recalled the fact (biscuit)"),
+    ("Dolores's cat is a fictional character.", texts.DEFAULT_FACT_TERMS, "missed the fact"),
 ])
-def test_recall_verdict(answer, verdict):
-    assert cli._recall_verdict(answer, texts.DEFAULT_FACT_TERMS) == verdict
+def test_recall_verdict(answer, terms, verdict):
+    assert cli._recall_verdict(answer, terms) == verdict
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):

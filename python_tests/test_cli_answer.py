@@ -76,9 +76,9 @@ def test_methods(method, tmp_path, tokenizer, capsys):
 
 
 def test_citrus_finds_a_fact_within_reach(tmp_path, tokenizer, capsys):
-    """~1.5k tokens, a 768-state budget: eviction happens, and with neighbour pooling the fact is
-    kept. (With the paper's defaults, --pool 1, this 135M model kept the sentence frame and lost the
-    fact, as SPEC.md reports of every press it tried: measured 2026-11-22.)"""
+    """~1.5k tokens, a 768-state budget: eviction happens, and the question's attention with
+    neighbour pooling keeps the fact (measured 2026-11-22: "The name of Dolores's cat is
+    Biscuit.")."""
     hay = texts.build_haystack(tokenizer, 1500, depth=0.5, source="essays")
     path = tmp_path / "doc.txt"
     path.write_text(hay.text, encoding="utf-8")
