@@ -6,7 +6,7 @@ import pytest
 from eval_fakes import FakeAnswer, WordTokenizer
 
 from citrus_ext.eval import cli, runner
-from citrus_ext.eval.plots import plot_all
+from citrus_ext.eval.plots import longest_runs, plot_all
 
 GRID = dict(tasks=["passkey"], methods=["full", "cse", "citrus_shared"], budgets=[64, 128],
             chunk_sizes=[32], lengths=[256, 600], depths=[0.0, 0.5, 1.0], samples=2)
@@ -138,6 +138,17 @@ def test_plots_are_written(tmp_path):
     assert names == ["accuracy_vs_budget_c32.png", "heatmap_passkey_k128_c32.png", "heatmap_passkey_k64_c32.png",
                      "memory.png", "perplexity.png"]
     assert all(f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG" for f in files)
+
+
+def test_perplexity_plot_draws_one_line_per_setting(tmp_path):
+    # A 16k and a 64k run of the same setting: the plot keeps the 64k one, not both.
+    cells = runner.perplexity_cells(["full", "cse"], [64], [32], 600, window=512) + \
+        runner.perplexity_cells(["cse"], [64, 128], [32], 1000, window=512)
+    runner.run_perplexity(cells, tmp_path, list(range(1000)), [1], _fake_read([]), window_tokens=100,
+                          progress=False, info={"window": 512})
+    kept = longest_runs(runner.load_cells(tmp_path, "perplexity"))
+    assert sorted((r["cell"]["method"], r["cell"]["budget"], r["cell"]["length"]) for r in kept) == [
+        ("cse", 64, 1000), ("cse", 128, 1000), ("full", None, 512)]
 
 
 def test_cli_lists_cells_without_a_model(tmp_path, capsys):

@@ -108,10 +108,23 @@ def plot_accuracy_vs_budget(records: Sequence[dict], out_dir) -> list[Path]:
     return files
 
 
+def longest_runs(records: Sequence[dict]) -> list[dict]:
+    """The longest perplexity run of each (method, budget, chunk size): a shorter run reads a
+    prefix of the same text, so its windows repeat the longer run's and would only double a line."""
+    best: dict = {}
+    for r in records:
+        cell = r["cell"]
+        key = (cell["method"], cell["budget"], cell["chunk_size"])
+        if key not in best or cell["length"] > best[key]["cell"]["length"]:
+            best[key] = r
+    return list(best.values())
+
+
 def plot_perplexity(records: Sequence[dict], out_dir) -> list[Path]:
     """Perplexity of each window against tokens read, one line per (method, budget, chunk)."""
     if not records:
         return []
+    records = longest_runs(records)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in sorted(records, key=lambda r: (_order([r["cell"]["method"]]), str(r["cell"]["budget"]))):
