@@ -1,12 +1,13 @@
 """The grid runner resumes, reruns one cell, summarises and plots, with fake model callables."""
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
 from eval_fakes import FakeAnswer, WordTokenizer
 
 from citrus_ext.eval import cli, runner
-from citrus_ext.eval.plots import longest_runs, plot_all
+from citrus_ext.eval.plots import plot_all
 
 GRID = dict(tasks=["passkey"], methods=["full", "cse", "citrus_shared"], budgets=[64, 128],
             chunk_sizes=[32], lengths=[256, 600], depths=[0.0, 0.5, 1.0], samples=2)
@@ -34,8 +35,10 @@ def test_grid_writes_cells_and_summary_and_resumes(tmp_path):
     assert len(list((tmp_path / "cells").glob("*.json"))) == len(cells)
     by_method = {(g["method"], g["length"], g["budget"]): g["containment"] for g in summary["retrieval_all_tasks"]}
     assert by_method[("citrus_shared", 600, 64)] == 1.0 and by_method[("cse", 600, 64)] == 0.0
-    # Tables: all tasks (accuracy, needle kept), passkey (accuracy, ROUGE-L).
-    assert (tmp_path / "summary.md").read_text().count("| citrus_shared | 32 |") == 4
+    # Tables: all tasks (accuracy, needle kept), passkey (accuracy, ROUGE-L, needle kept, cells).
+    text = (tmp_path / "summary.md").read_text()
+    assert text.count("| citrus_shared | 32 |") == 6
+    assert "| citrus_shared | 32 | 6 | 6 | 6 | 6 |" in text  # 3 depths x 2 samples per entry
 
     # Nothing is recomputed on a rerun.
     again = FakeAnswer()
@@ -124,8 +127,22 @@ def test_perplexity_grid(tmp_path):
     assert rows[("cse", 64)]["windows"][0]["nll"] == pytest.approx((63 * 1 + 37 * 2) / 100)
     assert rows[("cse", 64)]["tokens"] == 999
     assert "Perplexity against tokens read" in (tmp_path / "summary.md").read_text()
+    assert "| cse | 64 | 32 | " in (tmp_path / "summary.md").read_text().split("each twice as long")[1]
     runner.run_perplexity(cells, tmp_path, list(range(1000)), [1, 2], _fake_read(calls), progress=False)
     assert len(calls) == 3  # resumed
+
+
+def test_perplexity_ranges_double_and_weight_windows_by_tokens():
+    windows = [{"end": e, "tokens": t, "nll": nll} for e, t, nll in
+               [(100, 100, 1.0), (200, 100, 2.0), (300, 100, 3.0), (400, 50, 1.0), (500, 100, 4.0)]]
+    row = {"method": "cse", "budget": 64, "chunk_size": 32, "ppl": 9.0, "windows": windows}
+    shorter = {**row, "length": 200, "windows": windows[:2]}  # a prefix of the same run: not repeated
+    row["length"] = 500
+    table = runner.perplexity_ranges([shorter, row], first=200).splitlines()
+    assert len(table) == 3
+    assert table[0] == "| method | k | chunk | 0–200 | 200–400 | 400–800 | overall |"
+    expected = [math.exp(1.5), math.exp((300 + 50) / 150), math.exp(4.0)]
+    assert table[2] == "| cse | 64 | 32 | " + " | ".join(f"{v:.2f}" for v in expected) + " | 9.00 |"
 
 
 def test_plots_are_written(tmp_path):
@@ -146,7 +163,7 @@ def test_perplexity_plot_draws_one_line_per_setting(tmp_path):
         runner.perplexity_cells(["cse"], [64, 128], [32], 1000, window=512)
     runner.run_perplexity(cells, tmp_path, list(range(1000)), [1], _fake_read([]), window_tokens=100,
                           progress=False, info={"window": 512})
-    kept = longest_runs(runner.load_cells(tmp_path, "perplexity"))
+    kept = runner.longest_runs(runner.load_cells(tmp_path, "perplexity"))
     assert sorted((r["cell"]["method"], r["cell"]["budget"], r["cell"]["length"]) for r in kept) == [
         ("cse", 64, 1000), ("cse", 128, 1000), ("full", None, 512)]
 

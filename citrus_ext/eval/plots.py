@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .runner import RETRIEVAL_METHODS, load_cells, retrieval_groups
+from .runner import RETRIEVAL_METHODS, load_cells, longest_runs, retrieval_groups
 
 
 def _pyplot():
@@ -106,18 +106,6 @@ def plot_accuracy_vs_budget(records: Sequence[dict], out_dir) -> list[Path]:
         ax.legend(fontsize=8)
         files.append(_save(fig, plt, Path(out_dir) / f"accuracy_vs_budget_c{chunk}.png"))
     return files
-
-
-def longest_runs(records: Sequence[dict]) -> list[dict]:
-    """The longest perplexity run of each (method, budget, chunk size): a shorter run reads a
-    prefix of the same text, so its windows repeat the longer run's and would only double a line."""
-    best: dict = {}
-    for r in records:
-        cell = r["cell"]
-        key = (cell["method"], cell["budget"], cell["chunk_size"])
-        if key not in best or cell["length"] > best[key]["cell"]["length"]:
-            best[key] = r
-    return list(best.values())
 
 
 def plot_perplexity(records: Sequence[dict], out_dir) -> list[Path]:

@@ -452,8 +452,10 @@ def summarize(out_dir) -> dict:
     return summary
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    return str(value) if isinstance(value, int) else f"{value:.2f}"
 
 
 def _tokens(n: int) -> str:
@@ -494,6 +496,43 @@ def perplexity_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def longest_runs(records: Sequence[dict]) -> list[dict]:
+    """The longest perplexity run of each (method, budget, chunk size): a shorter run reads a
+    prefix of the same text, so its windows repeat the longer run's and would only double a line."""
+    best: dict = {}
+    for r in records:
+        cell = r.get("cell", r)  # a cell record, or a summary row (the cell's fields flattened)
+        key = (cell["method"], cell["budget"], cell["chunk_size"])
+        if key not in best or cell["length"] > best[key].get("cell", best[key])["length"]:
+            best[key] = r
+    return list(best.values())
+
+
+def perplexity_ranges(rows: Sequence[dict], first: int = 8192) -> str:
+    """A markdown table of perplexity over ranges of the text that double in length (0–8k, 8–16k,
+    16–32k, ...): per-window numbers are noisy, and a doubling range keeps a long run readable."""
+    if not rows:
+        return ""
+    rows = longest_runs(rows)
+    last = max(w["end"] for r in rows for w in r["windows"])
+    bounds = [0, first]
+    while bounds[-1] < last:
+        bounds.append(2 * bounds[-1])
+    spans = list(zip(bounds, bounds[1:]))
+    lines = ["| method | k | chunk | " + " | ".join(f"{_tokens(a) if a else 0}–{_tokens(b)}" for a, b in spans)
+             + " | overall |", "|---|---:|---:|" + "---:|" * (len(spans) + 1)]
+    for r in sorted(rows, key=lambda r: (r["method"], _sort_key(r["budget"]), r["chunk_size"])):
+        cells = []
+        for a, b in spans:
+            ws = [w for w in r["windows"] if a < w["end"] <= b]
+            n = sum(w["tokens"] for w in ws)
+            cells.append(math.exp(math.fsum(w["nll"] * w["tokens"] for w in ws) / n) if n else None)
+        budget = "—" if r["budget"] is None else r["budget"]
+        lines.append(f"| {r['method']} | {budget} | {r['chunk_size']} | " + " | ".join(_fmt(c) for c in cells)
+                     + f" | {_fmt(r['ppl'])} |")
+    return "\n".join(lines)
+
+
 def markdown_summary(summary: dict) -> str:
     """The human-readable summary: accuracy tables (all tasks, then each task), perplexity."""
     parts = [f"# Evaluation summary\n\n{summary['cells']} cells, {summary['seconds'] / 60:.1f} min of "
@@ -508,9 +547,17 @@ def markdown_summary(summary: dict) -> str:
                          "all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"], "needle_kept_read"))
         for task in sorted({g["task"] for g in summary["retrieval"]}):
             groups = [g for g in summary["retrieval"] if g["task"] == task]
-            parts.append(f"## {task}: accuracy\n\n" + accuracy_table(groups)
-                         + f"\n\n{task}: ROUGE-L F1\n\n" + accuracy_table(groups, "rougeL"))
+            section = [f"## {task}: accuracy\n\n" + accuracy_table(groups),
+                       f"{task}: ROUGE-L F1\n\n" + accuracy_table(groups, "rougeL")]
+            if any(g["needle_kept_read"] is not None for g in groups):
+                section.append(f"{task}: needle tokens kept after reading\n\n"
+                               + accuracy_table(groups, "needle_kept_read"))
+            # Entries average different numbers of cells once a slice adds samples: say how many.
+            section.append(f"{task}: cells per entry (depths × samples)\n\n" + accuracy_table(groups, "n"))
+            parts.append("\n\n".join(section))
     if summary["perplexity"]:
         parts.append("## Perplexity against tokens read\n\nPerplexity of each window of tokens read "
-                     "(the column says where the window ends).\n\n" + perplexity_table(summary["perplexity"]))
+                     "(the column says where the window ends).\n\n" + perplexity_table(summary["perplexity"])
+                     + "\n\nPerplexity over ranges of the text, each twice as long as the one before.\n\n"
+                     + perplexity_ranges(summary["perplexity"]))
     return "\n\n".join(parts) + "\n"
