@@ -90,12 +90,16 @@ def test_answer_fn_matches_citrus_answer_and_reports_needle_retention(tiny_llama
     # The newest chunk (tokens 128-159) is always in the cache after reading: so is the second needle.
     assert all(0.5 <= share <= 1.0 for share in read)
     assert all(0.0 <= share <= 1.0 for share in final)
+    # The map says which needle tokens each layer kept; its share is the reported one.
+    maps = ours.stats["needle_map"]
+    assert len(maps) == 2 and all(len(m) == 20 for m in maps)
+    assert [m.count("#") / 20 for m in maps] == pytest.approx(final)
 
 
 def test_needle_kept_counts_heads_separately():
     from types import SimpleNamespace
 
-    from citrus_ext.eval.backend import needle_kept
+    from citrus_ext.eval.backend import needle_kept, needle_map
 
     layer_level = SimpleNamespace(origin=torch.tensor([[[0, 2, 3, 7]]]))
     head_level = SimpleNamespace(origin=torch.tensor([[[0, 2, 3, 7], [1, 2, 5, 6]]]))
@@ -103,3 +107,4 @@ def test_needle_kept_counts_heads_separately():
     assert needle_kept(cache, torch.tensor([2, 3, 4, 5])) == [0.5, 0.5]  # head 0 keeps 2/4, head 1 keeps 2/4
     assert needle_kept(cache, torch.tensor([7])) == [1.0, 0.5]
     assert needle_kept(cache, torch.tensor([], dtype=torch.long)) == []
+    assert needle_map(cache, torch.tensor([2, 3, 4, 5])) == ["##..", "#+.+"]

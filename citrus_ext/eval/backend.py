@@ -39,7 +39,8 @@ def answer_fn(model, tokenizer) -> Callable:
         **options) -> Answer``; ``needle_spans`` are token spans in the document. The answer's
         stats add ``needle_kept_read`` (after the document is read) and ``needle_kept_final``
         (after the instruction's final pruning): per layer, the share of needle tokens whose
-        states are in the answer cache (averaged over KV heads for a head-level selection).
+        states are in the answer cache (averaged over KV heads for a head-level selection); and
+        ``needle_map``, which of the needle's tokens each layer kept at the end (:func:`needle_map`).
     """
     from citrus_ext import Answer, ChunkedReader, compat, make_policy, split_prompt
 
@@ -58,11 +59,12 @@ def answer_fn(model, tokenizer) -> Callable:
         kept_read = needle_kept(reader.answer_cache, needle)
         reader.prune(instr)
         kept_final = needle_kept(reader.answer_cache, needle)
+        kept_map = needle_map(reader.answer_cache, needle)
         (tokens,) = reader.decode(reader.encode_instruction(instr), max_new_tokens,
                                   compat.eos_token_ids(model, tokenizer))  # one row
         stats = reader.stats()
         stats.update(instruction_tokens=len(instr_ids), wall_s=time.perf_counter() - start,
-                     needle_kept_read=kept_read, needle_kept_final=kept_final)
+                     needle_kept_read=kept_read, needle_kept_final=kept_final, needle_map=kept_map)
         return Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats)
 
     return run
@@ -88,6 +90,18 @@ def needle_kept(cache, needle: torch.Tensor) -> list[float]:
         return []
     return [float(torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]]).float().mean())
             for layer in cache.layers]
+
+
+def needle_map(cache, needle: torch.Tensor) -> list[str]:
+    """Per layer, one character per ``needle`` token: ``#`` kept (by every KV head), ``+`` kept by
+    some heads only, ``.`` dropped. It shows *which* part of a needle survived, which the shares of
+    :func:`needle_kept` cannot (e.g. a question's words kept and the answer after them dropped)."""
+    out = []
+    for layer in cache.layers:
+        heads = torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]]).sum(0)
+        n = layer.origin.shape[1]
+        out.append("".join("#" if h == n else "+" if h else "." for h in heads.tolist()))
+    return out
 
 
 def model_info(model) -> dict:
