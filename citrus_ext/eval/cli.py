@@ -86,8 +86,8 @@ def _common(parser: argparse.ArgumentParser, methods, out: str) -> None:
     parser.add_argument("--list", action="store_true", help="list the grid's cells and whether each is "
                         "done, without loading a model")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots after the run")
-    parser.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder "
-                        "(default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", metavar="DIR", help="a local Hugging Face model folder, or "
+                        "gemma-3-270m (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--window", type=int, metavar="N", help="the model's context window for "
