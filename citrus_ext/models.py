@@ -201,9 +201,7 @@ def _convert_gguf(source: Path, out_dir: Path) -> None:
     ModelLoadError
         If the written folder does not reload to the same model.
     """
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("converting the default model needs the gguf package: "
-                             "pip install gguf")
+    _require_gguf(DEFAULT_MODEL_NAME)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -215,12 +213,22 @@ def _convert_gguf(source: Path, out_dir: Path) -> None:
 
     # transformers 5 writes only rope_parameters, which transformers 4.x ignores (it would
     # silently fall back to theta 10000): write rope_theta too.
-    config_path = out_dir / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["rope_theta"] = ROPE_THETA
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    _add_config_keys(out_dir, rope_theta=ROPE_THETA)
 
     _check_converted(out_dir, gguf_model, tokenizer)
+
+
+def _require_gguf(name: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"converting {name} needs the gguf package: pip install gguf")
+
+
+def _add_config_keys(out_dir: Path, **keys) -> None:
+    """Add ``keys`` to the saved ``config.json`` (for readers of other transformers versions)."""
+    config_path = out_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved.update(keys)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _save_unquantised(source: Path, tokenizer, out_dir: Path):
@@ -268,6 +276,7 @@ def _convert_gemma(source: Path, out_dir: Path) -> None:
 
     from .gguf_tokenizer import read_gguf_vocabulary, spm_bpe_tokenizer
 
+    _require_gguf(GEMMA_MODEL_NAME)
     gguf_file = Path(_gemma_package().assemble(out_dir / "source.gguf", overwrite=True))
     try:
         vocab = read_gguf_vocabulary(gguf_file)
@@ -282,12 +291,9 @@ def _convert_gemma(source: Path, out_dir: Path) -> None:
     finally:
         gguf_file.unlink(missing_ok=True)
     # transformers 4.x reads these two keys, not rope_parameters.
-    config_path = out_dir / "config.json"
-    saved = json.loads(config_path.read_text())
-    rope = saved.get("rope_parameters", {})
-    saved["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", 1_000_000.0)
-    saved["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", 10_000.0)
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    rope = reference.config.rope_parameters
+    _add_config_keys(out_dir, rope_theta=rope["full_attention"]["rope_theta"],
+                     rope_local_base_freq=rope["sliding_attention"]["rope_theta"])
 
     from transformers import AutoTokenizer
 

@@ -88,8 +88,7 @@ def needle_kept(cache, needle: torch.Tensor) -> list[float]:
     """
     if needle.numel() == 0:
         return []
-    return [float(torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]]).float().mean())
-            for layer in cache.layers]
+    return [float(_head_hits(layer, needle).float().mean()) for layer in cache.layers]
 
 
 def needle_map(cache, needle: torch.Tensor) -> list[str]:
@@ -98,10 +97,16 @@ def needle_map(cache, needle: torch.Tensor) -> list[str]:
     :func:`needle_kept` cannot (e.g. a question's words kept and the answer after them dropped)."""
     out = []
     for layer in cache.layers:
-        heads = torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]]).sum(0)
-        n = layer.origin.shape[1]
-        out.append("".join("#" if h == n else "+" if h else "." for h in heads.tolist()))
+        hits = _head_hits(layer, needle)
+        n = hits.shape[0]
+        out.append("".join("#" if h == n else "+" if h else "." for h in hits.sum(0).tolist()))
     return out
+
+
+def _head_hits(layer, needle: torch.Tensor) -> torch.Tensor:
+    """``[heads, len(needle)]``: whether each KV head's selection of ``layer`` holds each needle token
+    (one row for a layer-level selection)."""
+    return torch.stack([torch.isin(needle.to(row.device), row) for row in layer.origin[0]])
 
 
 def model_info(model) -> dict:

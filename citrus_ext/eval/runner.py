@@ -486,13 +486,23 @@ def perplexity_table(rows: Sequence[dict]) -> str:
         return ""
     ends = sorted({w["end"] for r in rows for w in r["windows"]})
     marks = [e for e in ends if e & (e - 1) == 0 or e == ends[-1]] if ends else []
-    lines = ["| method | k | chunk | " + " | ".join(f"ppl @{_tokens(e)}" for e in marks) + " | overall |",
-             "|---|---:|---:|" + "---:|" * (len(marks) + 1)]
-    for r in sorted(rows, key=lambda r: (r["method"], _sort_key(r["budget"]), r["chunk_size"])):
+
+    def at_marks(r):
         at = {w["end"]: w["ppl"] for w in r["windows"]}
+        return [at.get(e) for e in marks]
+
+    return _perplexity_markdown(rows, [f"ppl @{_tokens(e)}" for e in marks], at_marks)
+
+
+def _perplexity_markdown(rows: Sequence[dict], headers: Sequence[str], values) -> str:
+    """One row per run (method, k, chunk), sorted: ``values(run)`` under ``headers``, then the
+    run's overall perplexity."""
+    lines = ["| method | k | chunk | " + " | ".join(headers) + " | overall |",
+             "|---|---:|---:|" + "---:|" * (len(headers) + 1)]
+    for r in sorted(rows, key=lambda r: (r["method"], _sort_key(r["budget"]), r["chunk_size"])):
         budget = "—" if r["budget"] is None else r["budget"]
         lines.append(f"| {r['method']} | {budget} | {r['chunk_size']} | "
-                     + " | ".join(_fmt(at.get(e)) for e in marks) + f" | {_fmt(r['ppl'])} |")
+                     + " | ".join(_fmt(v) for v in values(r)) + f" | {_fmt(r['ppl'])} |")
     return "\n".join(lines)
 
 
@@ -519,18 +529,16 @@ def perplexity_ranges(rows: Sequence[dict], first: int = 8192) -> str:
     while bounds[-1] < last:
         bounds.append(2 * bounds[-1])
     spans = list(zip(bounds, bounds[1:]))
-    lines = ["| method | k | chunk | " + " | ".join(f"{_tokens(a) if a else 0}–{_tokens(b)}" for a, b in spans)
-             + " | overall |", "|---|---:|---:|" + "---:|" * (len(spans) + 1)]
-    for r in sorted(rows, key=lambda r: (r["method"], _sort_key(r["budget"]), r["chunk_size"])):
+
+    def per_span(r):
         cells = []
         for a, b in spans:
             ws = [w for w in r["windows"] if a < w["end"] <= b]
             n = sum(w["tokens"] for w in ws)
             cells.append(math.exp(math.fsum(w["nll"] * w["tokens"] for w in ws) / n) if n else None)
-        budget = "—" if r["budget"] is None else r["budget"]
-        lines.append(f"| {r['method']} | {budget} | {r['chunk_size']} | " + " | ".join(_fmt(c) for c in cells)
-                     + f" | {_fmt(r['ppl'])} |")
-    return "\n".join(lines)
+        return cells
+
+    return _perplexity_markdown(rows, [f"{_tokens(a) if a else 0}–{_tokens(b)}" for a, b in spans], per_span)
 
 
 def markdown_summary(summary: dict) -> str:
