@@ -40,7 +40,10 @@ def environment(device: str) -> dict:
 
 
 def _commit() -> str:
-    """The checked-out commit, with "+dirty" when the tree has changes; "" outside a git clone."""
+    """The checked-out commit, with "+dirty" when the tree has changes; "" outside a git clone.
+    ``CITRUS_COMMIT`` names it where the tree travelled without its history (the lent GPU)."""
+    if os.environ.get("CITRUS_COMMIT"):
+        return os.environ["CITRUS_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,

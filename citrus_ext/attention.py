@@ -24,6 +24,17 @@ from . import compat, ops
 from .compat import CitrusCache, CitrusLayer, LayerSpec
 
 
+# Set by benchmarks: synchronise the device around each timed eviction step, so that the
+# score/top-k/compact split counts device time rather than launch time.
+SYNC_TIMINGS = False
+
+
+def _clock(device: torch.device) -> float:
+    if SYNC_TIMINGS and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Apply RoPE (rotate-half convention) to ``x [B, H, L, D]`` at ``positions [B, 1 or H, L]``.
 
@@ -58,8 +69,13 @@ def attention_with_lse(
             stacked, key, value, 0.0, False, attn_mask=mask, scale=scale
         )
     else:
+        # The memory-efficient kernel wants each bias row 16-element aligned (SDPA's own wrapper
+        # arranges this too): pad the key axis and slice it back, keeping the padded stride.
+        length = mask.shape[-1]
+        if length % 16:
+            mask = torch.nn.functional.pad(mask, (0, -length % 16))[..., :length]
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            stacked, key, value, mask.expand(b, hkv, g * lq, -1), True, scale=scale
+            stacked, key, value, mask.expand(b, hkv, g * lq, length), True, scale=scale
         )[:2]
         lse = lse[..., : g * lq]
     return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
@@ -256,10 +272,11 @@ class Step:
     def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
         layer, c = view.layer, view.cache_len
         kept = None
+        device = layer.keys.device
         if self.policy is not None and not spec.plain_window and c > 0:
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             scores = self.policy.score(view, self.scorer)
-            t1 = time.perf_counter()
+            t1 = _clock(device)
             kept = self.policy.select(scores, min(self.policy.budget, c), layer.lens)
             # A row without scoring queries in this forward (it is not reading) keeps everything.
             idle = (self.layout.count(self.scorer) == 0).to(kept.device)
@@ -267,8 +284,8 @@ class Step:
                 kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
                 kept = torch.where(idle[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
             self.timings["score"] += t1 - t0
-            self.timings["topk"] += time.perf_counter() - t1
-        t0 = time.perf_counter()
+            self.timings["topk"] += _clock(device) - t1
+        t0 = _clock(device)
         new_keep = self.new_keep.to(layer.keys.device)
         if self.mirror is not None:
             new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], self.new_origin.to(layer.origin.device))
@@ -278,7 +295,7 @@ class Step:
             cache_len = mirror.stored
             mirror.update(new_states[0], new_states[1])
             settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window)
-        self.timings["compact"] += time.perf_counter() - t0
+        self.timings["compact"] += _clock(device) - t0
 
 
 def valid_prefix(lens: torch.Tensor, width: int) -> torch.Tensor:
