@@ -159,6 +159,8 @@ class ScoreView:
     segments : dict mapping a segment name to its slice of the new rows.
     layer : the layer's cache (for state a policy carries, e.g. H2O's accumulator).
     carry : per-state float tensors ``[B, R, c + n]`` a policy wants compacted with the states.
+    ragged : whether some row holds fewer than ``c`` valid states (known on the host, so asking
+        costs no device synchronisation; ``None``: read it from ``cache_lens``).
     """
 
     query: torch.Tensor
@@ -170,6 +172,7 @@ class ScoreView:
     segments: dict[str, slice]
     layer: CitrusLayer
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
+    ragged: Optional[bool] = None
 
     def attention(self, rows: slice, granularity: str, head_reduce: str = "mean", query_reduce: str = "mean"):
         """SPEC's score of the cache for the query ``rows``: ``[B, 1 or Hkv, c]`` float32.
@@ -181,7 +184,8 @@ class ScoreView:
         """
         per_head = granularity if head_reduce == "mean" else "kv_head"
         c = self.cache_len
-        lens = None if bool((self.cache_lens == c).all()) else self.cache_lens
+        ragged = self.ragged if self.ragged is not None else not bool((self.cache_lens == c).all())
+        lens = self.cache_lens if ragged else None
         if query_reduce == "max":
             scores = torch.stack(
                 [
@@ -238,35 +242,49 @@ class Step:
         self.new_keep = layout.real & keep_segment[layout.segment_id][None, :]
         self.max_position = 0
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._device_copies: dict[str, torch.Tensor] = {}
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-forward tensor ``name`` (of the step or its layout) on ``device``, copied once:
+        a host-to-device copy waits for the device, so one per layer would stall every layer."""
+        if name not in self._device_copies:
+            source = getattr(self, name) if name in ("new_keep", "new_origin") else getattr(self.layout, name)
+            self._device_copies[name] = source.to(device)
+        return self._device_copies[name]
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """Attention of one layer (``key``/``value`` already hold the new states); returns ``[B, n, Hq, Dv]``."""
         layer, spec = self.cache.layers[layer_idx], self.specs[layer_idx]
         c, b, device = layer.stored, key.shape[0], key.device
-        lens = layer.lens
-        offsets = self.layout.offsets.to(device).clamp(min=0)
+        lens, lens_host = layer.lens, layer.lens_host
+        offsets = self._on("offsets", device).clamp(min=0)
+        real = self.layout.real
         if self.positions == "relative":
             cache_pos = torch.arange(c, device=device).expand(b, 1, c)
-            new_pos = lens.to(device)[:, None] + offsets
+            new_pos = lens[:, None] + offsets
+            # Positions actually used (pads excluded), reported so tests can check they stay in
+            # range; from host copies, so no device synchronisation.
+            newest = torch.where(real, self.layout.offsets, -1).amax(1)
+            used = int((lens_host + newest).max())
         else:
             cache_pos = layer.origin.clamp(min=0)
-            new_pos = self.new_origin.to(device).clamp(min=0)
+            new_pos = self._on("new_origin", device).clamp(min=0)
+            used = int(torch.cat([new_pos[self._on("real", device)],
+                                  cache_pos[torch.arange(c, device=device)[None, None] < lens[:, None, None]]]).max())
+        self.max_position = max(self.max_position, used)
         key_pos = torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
-        # Positions actually used (pads excluded), reported so tests can check they stay in range.
-        used = torch.cat([new_pos[self.layout.real.to(device)],
-                          cache_pos[torch.arange(c, device=device)[None, None] < lens.to(device)[:, None, None]]])
-        self.max_position = max(self.max_position, int(used.max()))
         q = rotate(query, new_pos[:, None], spec.inv_freq)
         k = rotate(key, key_pos, spec.inv_freq)
         group = query.shape[1] // key.shape[1]
-        mask_key = (c, tuple(lens.tolist()), spec.window, group, query.dtype)
+        mask_key = (c, tuple(lens_host.tolist()), spec.window, group, query.dtype)
         if mask_key not in self._masks:
             self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
         out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
-        if not bool(self.layout.real.all()):
+        if not bool(real.all()):
             # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
-            lse = lse.masked_fill(~self.layout.real.to(device)[:, None, :], float("inf"))
-        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer))
+            lse = lse.masked_fill(~self._on("real", device)[:, None, :], float("inf"))
+        ragged = bool((lens_host < c).any())
+        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer, ragged=ragged))
         return out.transpose(1, 2).contiguous()
 
     def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
@@ -279,17 +297,17 @@ class Step:
             t1 = _clock(device)
             kept = self.policy.select(scores, min(self.policy.budget, c), layer.lens)
             # A row without scoring queries in this forward (it is not reading) keeps everything.
-            idle = (self.layout.count(self.scorer) == 0).to(kept.device)
+            idle = self.layout.count(self.scorer) == 0
             if bool(idle.any()):
                 kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
-                kept = torch.where(idle[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
+                kept = torch.where(idle.to(kept.device)[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
             self.timings["score"] += t1 - t0
             self.timings["topk"] += _clock(device) - t1
         t0 = _clock(device)
-        new_keep = self.new_keep.to(layer.keys.device)
+        new_keep, new_origin = self._on("new_keep", device), self._on("new_origin", device)
         if self.mirror is not None:
-            new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], self.new_origin.to(layer.origin.device))
-        settle_layer(layer, c, kept, new_keep, self.new_origin.to(layer.origin.device), view.carry, spec.window)
+            new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], new_origin)
+        settle_layer(layer, c, kept, new_keep, new_origin, view.carry, spec.window)
         if self.mirror is not None:
             mirror = self.mirror.layers[layer_idx]
             cache_len = mirror.stored
@@ -347,10 +365,13 @@ def settle_layer(
         take = start[..., None] + torch.arange(window - 1, device=device)
         idx = torch.where(take < counts[..., None], idx.gather(-1, take.clamp(max=idx.shape[-1] - 1)), -1)
         counts = (idx >= 0).sum(-1)
-    width = int(counts.max()) if counts.numel() else 0
+    # One device-to-host copy gives the width and the host copy of the lengths.
+    counts_host = counts.cpu()
+    width = int(counts_host.max()) if counts.numel() else 0
     idx = idx[..., :width]
     lens = counts.amax(1)
-    identity = rows == 1 and width == total and bool((idx == torch.arange(total, device=device)).all())
+    # Kept indices are distinct and ascending, so a row that keeps all `total` is the identity.
+    identity = rows == 1 and bool((counts_host == total).all())
     if identity:
         keys, values = layer.keys, layer.values
     else:
@@ -367,6 +388,7 @@ def settle_layer(
         aux[name] = _gather(values_all, idx, 0.0)
     layer.keys, layer.values = keys, values
     layer.origin, layer.aux, layer.lens = _gather(origin_all, idx, -1), aux, lens
+    layer.lens_host = counts_host.amax(1)
 
 
 def citrus_attention(

@@ -110,6 +110,7 @@ class CitrusLayer(CacheLayerMixin):
         accumulated attention), compacted with the states.
     lens : Tensor ``[B]`` int64, valid states per row: rows of a ragged batch hold their states
         first and padding (origin ``-1``) after, up to the width ``L``.
+    lens_host : the same on the CPU, so the reader plans each layer without waiting for the device.
     peak : int, the most states this layer ever held (including a forward's new states).
     """
 
@@ -121,6 +122,7 @@ class CitrusLayer(CacheLayerMixin):
         self.origin: Optional[torch.Tensor] = None
         self.aux: dict[str, torch.Tensor] = {}
         self.lens: Optional[torch.Tensor] = None
+        self.lens_host: Optional[torch.Tensor] = None
         self.peak = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -130,6 +132,7 @@ class CitrusLayer(CacheLayerMixin):
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
         self.origin = torch.empty((b, 1, 0), dtype=torch.long, device=self.device)
         self.lens = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.lens_host = torch.zeros(b, dtype=torch.long)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

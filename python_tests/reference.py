@@ -11,12 +11,14 @@ import torch
 
 
 def ref_probabilities(query, key, scale, cache_lens=None):
-    """Attention probabilities ``[B, Hq, Lq, L]`` in fp32, causal over the queries' own keys."""
+    """Attention probabilities ``[B, Hq, Lq, L]`` in fp32 (fp64 for fp64 inputs), causal over the
+    queries' own keys."""
     b, hq, lq, _ = query.shape
     hkv, length = key.shape[1], key.shape[2]
     lc = length - lq
-    k = key.float().repeat_interleave(hq // hkv, dim=1)  # each query head sees its KV head
-    logits = torch.einsum("bhtd,bhjd->bhtj", query.float(), k) * scale
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    k = key.to(dtype).repeat_interleave(hq // hkv, dim=1)  # each query head sees its KV head
+    logits = torch.einsum("bhtd,bhjd->bhtj", query.to(dtype), k) * scale
     t = torch.arange(lq).unsqueeze(1)
     j = torch.arange(length).unsqueeze(0)
     visible = (j < lc) | (j - lc <= t)  # [Lq, L]
