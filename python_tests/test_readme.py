@@ -34,6 +34,7 @@ COVERED = {
     # GPU only: run by benchmarks/run_gpu_suite.sh on the lent GPU; without one this file checks
     # that they refuse with a clear message (test_gpu_commands_refuse_without_a_gpu).
     "python benchmarks/bench_cuda_ops.py": ("benchmarks/run_gpu_suite.sh", "benchmarks/bench_cuda_ops.py"),
+    "python benchmarks/bench_reading_gpu.py": ("benchmarks/run_gpu_suite.sh", "benchmarks/bench_reading_gpu.py"),
     "bash benchmarks/run_gpu_suite.sh": ("python_tests/test_readme.py", '"benchmarks/run_gpu_suite.sh"'),
 }
 
@@ -123,7 +124,8 @@ def test_gpu_commands_refuse_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: benchmarks/run_gpu_suite.sh runs these for real")
-    done = run_python("benchmarks/bench_cuda_ops.py", cwd=ROOT, timeout=600)
-    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+    for script in ("benchmarks/bench_cuda_ops.py", "benchmarks/bench_reading_gpu.py"):
+        done = run_python(script, cwd=ROOT, timeout=600)
+        assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, (script, done.stderr[-500:])
     syntax = subprocess.run(["bash", "-n", "benchmarks/run_gpu_suite.sh"], cwd=ROOT, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
