@@ -29,6 +29,10 @@ from .compat import CitrusCache, CitrusLayer, LayerSpec
 SYNC_TIMINGS = False
 
 
+# Set by the tests: settle_layer checks the kept counts its callers derive on the host.
+CHECK_COUNTS = False
+
+
 def _clock(device: torch.device) -> float:
     if SYNC_TIMINGS and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -291,6 +295,8 @@ class Step:
         layer, c = view.layer, view.cache_len
         kept = None
         device = layer.keys.device
+        # Cache states each row keeps, known on the host: top-k keeps min(keep, valid) per row.
+        kept_counts = layer.lens_host
         if self.policy is not None and not spec.plain_window and c > 0:
             t0 = _clock(device)
             scores = self.policy.score(view, self.scorer)
@@ -301,18 +307,21 @@ class Step:
             if bool(idle.any()):
                 kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
                 kept = torch.where(idle.to(kept.device)[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
+            kept_counts = torch.where(idle, layer.lens_host, layer.lens_host.clamp(max=min(self.policy.budget, c)))
             self.timings["score"] += t1 - t0
             self.timings["topk"] += _clock(device) - t1
         t0 = _clock(device)
         new_keep, new_origin = self._on("new_keep", device), self._on("new_origin", device)
         if self.mirror is not None:
             new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], new_origin)
-        settle_layer(layer, c, kept, new_keep, new_origin, view.carry, spec.window)
+        new_counts = self.new_keep.sum(1)
+        settle_layer(layer, c, kept, new_keep, new_origin, view.carry, spec.window, kept_counts + new_counts)
         if self.mirror is not None:
             mirror = self.mirror.layers[layer_idx]
             cache_len = mirror.stored
             mirror.update(new_states[0], new_states[1])
-            settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window)
+            settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window,
+                         mirror.lens_host + new_counts)
         self.timings["compact"] += _clock(device) - t0
 
 
@@ -337,6 +346,7 @@ def settle_layer(
     new_origin: torch.Tensor,
     carry: dict[str, torch.Tensor],
     window: Optional[int],
+    host_counts: Optional[torch.Tensor] = None,
 ) -> None:
     """Settle a layer after a forward: keep ``kept`` of its cache, then the new states ``new_keep``.
 
@@ -346,6 +356,8 @@ def settle_layer(
     ``new_keep [B, n]`` marks the new states to keep and ``new_origin [B, n]`` their token
     indices. ``carry`` holds per-state values over cache and new states (``[B, R, cache_len + n]``),
     kept in ``layer.aux``. A ``window`` keeps only the newest ``window - 1`` states of each row.
+    ``host_counts [B]`` (CPU), when given, is how many states each row keeps before the window: it
+    spares a device-to-host copy (``CHECK_COUNTS`` verifies it).
     Rows end up left-aligned again (valid states first), padded to the longest row.
     """
     device = layer.keys.device
@@ -365,9 +377,16 @@ def settle_layer(
         take = start[..., None] + torch.arange(window - 1, device=device)
         idx = torch.where(take < counts[..., None], idx.gather(-1, take.clamp(max=idx.shape[-1] - 1)), -1)
         counts = (idx >= 0).sum(-1)
-    # One device-to-host copy gives the width and the host copy of the lengths.
-    counts_host = counts.cpu()
-    width = int(counts_host.max()) if counts.numel() else 0
+    # The states each row keeps, on the host: from the caller's ``host_counts`` when it knows them
+    # (no device synchronisation), else one device-to-host copy.
+    if host_counts is None:
+        counts_host = counts.cpu()
+    else:
+        counts_host = host_counts if window is None else host_counts.clamp(max=window - 1)
+        counts_host = counts_host[:, None].expand(-1, rows)
+        if CHECK_COUNTS:
+            assert torch.equal(counts_host, counts.cpu()), (counts_host, counts.cpu())
+    width = int(counts_host.max()) if counts_host.numel() else 0
     idx = idx[..., :width]
     lens = counts.amax(1)
     # Kept indices are distinct and ascending, so a row that keeps all `total` is the identity.

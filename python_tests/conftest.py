@@ -12,3 +12,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _check_host_counts(monkeypatch):
+    # The reader derives each layer's kept counts on the host to avoid a device sync; every
+    # test that reads checks them against the device's.
+    from citrus_ext import attention
+
+    monkeypatch.setattr(attention, "CHECK_COUNTS", True)
