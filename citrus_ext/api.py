@@ -43,15 +43,20 @@ class Answer:
     stats: dict = field(default_factory=dict)
 
 
+# How the instruction follows the document for a model without a chat template.
+COMPLETION_PROMPT = "\n\nQuestion: {instruction}\nAnswer:"
+
+
 def split_prompt(tokenizer, document: str, instruction: str) -> tuple[list[int], list[int]]:
     """Token ids of the document part and of the instruction part of the prompt.
 
     With a chat template the user turn holds the document, a blank line and the instruction, and
     the assistant-turn header is added; the *document part* is everything up to the end of the
     document text, the *instruction part* is the rest (the question and the assistant header).
-    The two parts are tokenized separately, so the split is exact. Without a chat template the
-    document is tokenized with the tokenizer's special tokens and the instruction follows after a
-    blank line.
+    The two parts are tokenized separately, so the split is exact. Without a chat template (a
+    base model) the document is tokenized with the tokenizer's special tokens and the instruction
+    follows in completion style, ``"\n\nQuestion: {instruction}\nAnswer:"``: a base model given
+    the bare question tends to continue the document instead of answering it.
     """
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
@@ -63,7 +68,8 @@ def split_prompt(tokenizer, document: str, instruction: str) -> tuple[list[int],
         cut = prompt.index(body) + len(body)
         head, tail = prompt[:cut], prompt[cut:]
         return tokenizer(head, add_special_tokens=False).input_ids, tokenizer(tail, add_special_tokens=False).input_ids
-    return tokenizer(document).input_ids, tokenizer(f"\n\n{instruction}", add_special_tokens=False).input_ids
+    return tokenizer(document).input_ids, tokenizer(COMPLETION_PROMPT.format(instruction=instruction),
+                                                    add_special_tokens=False).input_ids
 
 
 def _as_batch(value, name: str) -> list[str]:

@@ -65,7 +65,9 @@ def test_bounded_cache_and_positions_beyond_the_window(method):
         got = citrus_ext.answer(model, tok, random_text(length, seed=4), "q?", method=method, budget=budget,
                                 chunk_size=chunk, max_new_tokens=new)
         li = got.stats["instruction_tokens"]
-        per_cache = budget + 2 * chunk + (li if method == "citrus_shared" else 0)
+        # Reading: the budget, the cached chunk and the new one (and the instruction beside them in
+        # CItruS shared); answering: the budget, the instruction and the generated tokens.
+        per_cache = max(budget + 2 * chunk + (li if method == "citrus_shared" else 0), budget + li + new)
         caches = 2 if method == "citrus_individual" else 1
         assert max(got.stats["peak_states_per_layer"]) <= caches * per_cache
         assert got.stats["max_position"] <= budget + 2 * chunk + li + new
@@ -143,6 +145,13 @@ def test_chat_template_split():
     assert tok.decode(doc_ids + instr_ids).replace(" ", "") == full.replace(" ", "")
     assert tok.convert_ids_to_tokens(doc_ids[-1]) == "t"
     assert tok.convert_ids_to_tokens(instr_ids[-1]) == "<|assistant|>"
+
+
+def test_completion_split_without_chat_template():
+    tok = char_tokenizer()
+    doc_ids, instr_ids = split_prompt(tok, "some document", "the question")
+    assert tok.decode(doc_ids).replace(" ", "") == "somedocument"
+    assert tok.decode(instr_ids).replace(" ", "") == "\n\nQuestion:thequestion\nAnswer:"
 
 
 def test_progress_callback():
