@@ -162,9 +162,9 @@ class ScoreView:
     cache_lens : Tensor ``[B]``, valid cache states per row.
     segments : dict mapping a segment name to its slice of the new rows.
     layer : the layer's cache (for state a policy carries, e.g. H2O's accumulator).
+    ragged : bool, whether some row holds fewer than ``c`` valid states (from the host copy of
+        the lengths, so asking costs no device synchronisation).
     carry : per-state float tensors ``[B, R, c + n]`` a policy wants compacted with the states.
-    ragged : whether some row holds fewer than ``c`` valid states (known on the host, so asking
-        costs no device synchronisation; ``None``: read it from ``cache_lens``).
     """
 
     query: torch.Tensor
@@ -175,8 +175,8 @@ class ScoreView:
     cache_lens: torch.Tensor
     segments: dict[str, slice]
     layer: CitrusLayer
+    ragged: bool
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
-    ragged: Optional[bool] = None
 
     def attention(self, rows: slice, granularity: str, head_reduce: str = "mean", query_reduce: str = "mean"):
         """SPEC's score of the cache for the query ``rows``: ``[B, 1 or Hkv, c]`` float32.
@@ -188,8 +188,7 @@ class ScoreView:
         """
         per_head = granularity if head_reduce == "mean" else "kv_head"
         c = self.cache_len
-        ragged = self.ragged if self.ragged is not None else not bool((self.cache_lens == c).all())
-        lens = self.cache_lens if ragged else None
+        lens = self.cache_lens if self.ragged else None
         if query_reduce == "max":
             scores = torch.stack(
                 [
@@ -244,6 +243,7 @@ class Step:
         self.new_origin = torch.where(layout.real, first_index[:, None] + layout.offsets, -1)
         keep_segment = torch.tensor([name in keep for name, _ in layout.segments])
         self.new_keep = layout.real & keep_segment[layout.segment_id][None, :]
+        self.new_counts = self.new_keep.sum(1)  # new states each row keeps, on the host
         self.max_position = 0
         self._masks: dict[tuple, torch.Tensor] = {}
         self._device_copies: dict[str, torch.Tensor] = {}
@@ -288,7 +288,7 @@ class Step:
             # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
             lse = lse.masked_fill(~self._on("real", device)[:, None, :], float("inf"))
         ragged = bool((lens_host < c).any())
-        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer, ragged=ragged))
+        self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer, ragged))
         return out.transpose(1, 2).contiguous()
 
     def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
@@ -314,14 +314,13 @@ class Step:
         new_keep, new_origin = self._on("new_keep", device), self._on("new_origin", device)
         if self.mirror is not None:
             new_states = (layer.keys[:, :, c:], layer.values[:, :, c:], new_origin)
-        new_counts = self.new_keep.sum(1)
-        settle_layer(layer, c, kept, new_keep, new_origin, view.carry, spec.window, kept_counts + new_counts)
+        settle_layer(layer, c, kept, new_keep, new_origin, view.carry, spec.window, kept_counts + self.new_counts)
         if self.mirror is not None:
             mirror = self.mirror.layers[layer_idx]
             cache_len = mirror.stored
             mirror.update(new_states[0], new_states[1])
             settle_layer(mirror, cache_len, None, new_keep, new_states[2], {}, spec.window,
-                         mirror.lens_host + new_counts)
+                         mirror.lens_host + self.new_counts)
         self.timings["compact"] += _clock(device) - t0
 
 
