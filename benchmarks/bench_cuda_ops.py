@@ -176,18 +176,26 @@ def measure_ceilings() -> dict:
     dst = torch.empty_like(src)
     copy_us = time_us(lambda: dst.copy_(src))
     del src, dst
-    m = 8192
-    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    mm_us = time_us(lambda: a @ b)
-    del a, b
     torch.cuda.empty_cache()
     return {
         "copy_GBps": 2 * n / (copy_us * 1e-6) / 1e9,
-        "bf16_mm_TFLOPs": 2 * m**3 / (mm_us * 1e-6) / 1e12,
+        "bf16_mm_TFLOPs": bf16_matmul_tflops(),
         "copy_bytes": 2 * n,
-        "mm_shape": [m, m, m],
+        "mm_shape": [MM_SIZE] * 3,
     }
+
+
+MM_SIZE = 8192
+
+
+def bf16_matmul_tflops() -> float:
+    """The matrix-unit ceiling: a random MM_SIZE³ bf16 product, median TFLOP/s."""
+    a = torch.randn(MM_SIZE, MM_SIZE, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(MM_SIZE, MM_SIZE, device="cuda", dtype=torch.bfloat16)
+    mm_us = time_us(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * MM_SIZE**3 / (mm_us * 1e-6) / 1e12
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,20 +26,15 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from citrus_ext import ChunkedReader, make_policy  # noqa: E402
-from common import environment  # noqa: E402
+from common import environment, llama_config  # noqa: E402
 
 METHODS = ["cse", "citrus_shared", "citrus_individual", "full", "streaming_llm", "h2o", "tova", "snapkv"]
 
 
 def smollm2_shaped_model(dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialised LlamaForCausalLM with SmolLM2-135M's configuration."""
-    config = transformers.LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+    return transformers.LlamaForCausalLM(llama_config("smollm2-135m")).to(dtype).eval()
 
 
 def run_one(model, method: str, length: int, args) -> dict:

@@ -46,25 +46,15 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from citrus_ext import ChunkedReader, attention, make_policy  # noqa: E402
-from common import environment  # noqa: E402
+from bench_cuda_ops import bf16_matmul_tflops  # noqa: E402
+from common import LLAMA_SHAPES as SHAPES, environment, llama_config  # noqa: E402
 
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                      tie_word_embeddings=False, rope_theta=500000.0),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0),
-}
 READER_METHODS = ["cse", "citrus_shared", "citrus_individual", "streaming_llm", "full", "snapkv"]
-K, M = 1024, 1024 * 1024
+K = 1024
 
 
 def build_model(shape: str) -> torch.nn.Module:
-    cfg = dict(SHAPES[shape])
-    theta = cfg.pop("rope_theta")
-    config = transformers.LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
-                                      rms_norm_eps=1e-5)
+    config = llama_config(shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -80,22 +70,6 @@ def build_model(shape: str) -> torch.nn.Module:
 def matmul_params(model) -> int:
     skip = {id(model.get_input_embeddings().weight), id(model.lm_head.weight)}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip and p.dim() == 2)
-
-
-def measure_matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * 8192**3 / statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +218,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_reading_gpu.py: needs a CUDA GPU")
     started = time.perf_counter()
-    rate = measure_matmul_rate()
+    rate = bf16_matmul_tflops() * 1e12
     out = args.out or os.path.join(HERE, "results", "reading_gpu.json")
     result = {"benchmark": "bench_reading_gpu", "environment": environment("cuda"),
               "bf16_mm_TFLOPs": rate / 1e12, "settings": vars(args), "rows": [], "skipped": []}

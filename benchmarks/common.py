@@ -39,6 +39,28 @@ def environment(device: str) -> dict:
     return env
 
 
+# Model shapes the reading benchmarks build randomly initialised Llama models from (weights do
+# not change the cost): the real configs' sizes.
+LLAMA_SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                      tie_word_embeddings=False, rope_theta=500000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def llama_config(shape: str):
+    """A ``transformers.LlamaConfig`` of one of :data:`LLAMA_SHAPES`."""
+    import transformers
+
+    sizes = dict(LLAMA_SHAPES[shape])
+    theta = sizes.pop("rope_theta")
+    return transformers.LlamaConfig(**sizes, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                    rms_norm_eps=1e-5)
+
+
 def _commit() -> str:
     """The checked-out commit, with "+dirty" when the tree has changes; "" outside a git clone.
     ``CITRUS_COMMIT`` names it where the tree travelled without its history (the lent GPU)."""
