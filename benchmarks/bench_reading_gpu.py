@@ -51,6 +51,7 @@ from common import LLAMA_SHAPES as SHAPES, environment, llama_config  # noqa: E4
 
 READER_METHODS = ["cse", "citrus_shared", "citrus_individual", "streaming_llm", "full", "snapkv"]
 K = 1024
+CUDA_GRAPHS = True  # --no-cuda-graphs: the reader launches op by op (the split read always does)
 
 
 def build_model(shape: str) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def matmul_params(model) -> int:
 
 def read_citrus(model, method, doc, instruction, chunk, budget):
     size = doc.shape[1] if method == "snapkv" else chunk  # SnapKV is one-shot
-    reader = ChunkedReader(model, make_policy(method, budget), size)
+    reader = ChunkedReader(model, make_policy(method, budget), size, cuda_graphs=CUDA_GRAPHS)
     reader.read(doc[0], instruction[0])
     stats = reader.stats()
     return {"score_s": stats["score_s"], "topk_s": stats["topk_s"], "compact_s": stats["compact_s"],
@@ -212,9 +213,13 @@ def main() -> None:
     p.add_argument("--repeat-max", type=int, default=32 * K, help="longer documents are timed once")
     p.add_argument("--split-read", action=argparse.BooleanOptionalAction, default=True,
                    help="one more read, synchronised around each eviction step, for the time split")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="the reader replays CUDA graphs of repeated forwards (its default)")
     p.add_argument("--max-seconds", type=float, default=300.0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     if not torch.cuda.is_available():
         sys.exit("bench_reading_gpu.py: needs a CUDA GPU")
     started = time.perf_counter()

@@ -124,24 +124,26 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=6, help="timed chunks")
     p.add_argument("--profiled", type=int, default=2)
     p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="the reader replays CUDA graphs of repeated forwards (its default)")
     args = p.parse_args()
     model = build_model(args.shape)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    n_chunks = 3 + args.chunks + args.profiled
+    n_chunks = 5 + args.chunks + args.profiled
     doc = torch.randint(100, vocab, (n_chunks * args.chunk,), generator=g).cuda()
     instruction = torch.randint(100, vocab, (32,), generator=g).cuda()
-    reader = ChunkedReader(model, make_policy(args.method, args.budget), args.chunk)
+    reader = ChunkedReader(model, make_policy(args.method, args.budget), args.chunk, cuda_graphs=args.cuda_graphs)
     pos = [0]
 
     def read(_i):
         reader.read_chunk([doc[pos[0]:pos[0] + args.chunk]], [instruction])
         pos[0] += args.chunk
 
-    for _ in range(3):  # warm-up: the cache reaches its steady width
+    for _ in range(5):  # warm-up: the cache reaches its steady width (and its graph is captured)
         read(0)
     span = args.budget + 2 * args.chunk  # steady state: budget + previous chunk + this chunk
-    print(f"{args.shape} {args.method} chunk {args.chunk} budget {args.budget} "
+    print(f"{args.shape} {args.method} chunk {args.chunk} budget {args.budget} graphs {args.cuda_graphs} "
           f"({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
     ts = chunk_times(read, args.chunks)
     print(f"reader: {statistics.median(ts):.2f} ms/chunk median ({', '.join(f'{t:.1f}' for t in ts)}), "

@@ -13,6 +13,7 @@ through to the attention function). For every layer the step
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,18 +40,27 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE (rotate-half convention) to ``x [B, H, L, D]`` at ``positions [B, 1 or H, L]``.
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[..., L, D]`` of RoPE at integer ``positions [..., L]``.
 
-    cos/sin are computed in float32 from the integer positions and cast to ``x``'s dtype, as the
-    transformers models do, so a fresh rotation matches the model's own bit for bit.
+    Computed in float32 from the integer positions and cast to ``dtype``, as the transformers
+    models do, so a fresh rotation matches the model's own bit for bit.
     """
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(x.device)
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half convention) of ``x`` with tables from :func:`rope_tables`."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to ``x [B, H, L, D]`` at ``positions [B, 1 or H, L]``."""
+    return apply_rope(x, *rope_tables(positions, inv_freq, x.dtype))
 
 
 def attention_with_lse(
@@ -83,6 +93,62 @@ def attention_with_lse(
         )[:2]
         lse = lse[..., : g * lq]
     return out.reshape(b, hq, lq, -1), lse.reshape(b, hq, lq)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+def flash_usable(query: torch.Tensor) -> bool:
+    """Whether the flash kernel takes these queries: CUDA (sm80+), fp16/bf16, head dim a multiple
+    of 8 up to 256, and flash SDPA not switched off by the user."""
+    d = query.shape[-1]
+    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
+            and d <= 256 and torch.backends.cuda.flash_sdp_enabled() and _flash_capable(query.device.index or 0))
+
+
+def flash_packing(batch: int, cache_len: int, segments: list[tuple[int, int]], device) -> tuple:
+    """Varlen layout for :func:`flash_attention_with_lse`: one sequence per (row, segment) whose
+    keys are the row's cache then the segment's own states. Returns the key gather indices (row,
+    position), cumulative query and key lengths (int32) and the longest of each."""
+    n = sum(width for _, width in segments)
+    rows, positions, cu_q, cu_k = [], [], [0], [0]
+    for b in range(batch):
+        for start, width in segments:
+            keys = torch.cat([torch.arange(cache_len), cache_len + start + torch.arange(width)])
+            rows.append(torch.full_like(keys, b))
+            positions.append(keys)
+            cu_q.append(cu_q[-1] + width)
+            cu_k.append(cu_k[-1] + cache_len + width)
+    assert cu_q[-1] == batch * n
+    as_device = lambda x, dtype: torch.tensor(x, dtype=dtype).to(device)  # noqa: E731
+    return (torch.cat(rows).to(device), torch.cat(positions).to(device), as_device(cu_q, torch.int32),
+            as_device(cu_k, torch.int32), max(w for _, w in segments), cache_len + max(w for _, w in segments))
+
+
+def flash_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, packing: Optional[tuple] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention where every row's queries see its whole cache and, causally, their own segment,
+    with the flash kernel: output ``[B, n, Hq, Dv]`` and natural-log lse ``[B, Hq, n]`` (float32).
+
+    ``query [B, Hq, n, D]``, ``key``/``value [B, Hkv, c + n, D]``, every row holding ``c`` valid
+    cache states and ``n`` real new ones. Without ``packing`` the new states are one segment
+    (causal, aligned to the last key: lower-right); with it (:func:`flash_packing`) each segment
+    is one varlen sequence over the cache and its own states. GQA is native: no repeated heads.
+    """
+    b, hq, n, _ = query.shape
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    flash = torch.ops.aten._flash_attention_forward
+    if packing is None:
+        out, lse = flash(q, k, v, None, None, n, k.shape[1], 0.0, True, False, scale=scale)[:2]
+        return out, lse
+    rows, positions, cu_q, cu_k, max_q, max_k = packing
+    out, lse = flash(q.reshape(b * n, hq, -1), k[rows, positions], v[rows, positions], cu_q, cu_k, max_q, max_k,
+                     0.0, True, False, scale=scale)[:2]
+    # Varlen lse is laid out [Hq, total queries].
+    return out.view(b, n, hq, -1), lse.view(hq, b, n).permute(1, 0, 2)
 
 
 @dataclass
@@ -246,50 +312,99 @@ class Step:
         self.new_counts = self.new_keep.sum(1)  # new states each row keeps, on the host
         self.max_position = 0
         self._masks: dict[tuple, torch.Tensor] = {}
-        self._device_copies: dict[str, torch.Tensor] = {}
+        self._rope: dict[tuple, tuple] = {}
+        self._device_copies: dict[str, object] = {}
+
+    DEVICE_INPUTS = ("offsets", "real", "new_keep", "new_origin")
+
+    def device_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The per-forward host tensors the layers read, copied to ``device`` now (pinned,
+        asynchronously), so no layer waits for a copy; a CUDA-graph replay refreshes them."""
+        out = {}
+        names = self.DEVICE_INPUTS
+        if self.policy is not None:  # rows without scoring queries in this forward keep everything
+            names += ("idle",)
+        for name in names:
+            if name == "idle":
+                source = self.layout.count(self.scorer) == 0
+            else:
+                source = getattr(self, name) if name in ("new_keep", "new_origin") else getattr(self.layout, name)
+            if device.type == "cuda":
+                source = source.pin_memory()
+            out[name] = source.to(device, non_blocking=True)
+        return out
+
+    def use_device_inputs(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Read the per-forward inputs from ``tensors`` (see :meth:`device_inputs`)."""
+        self._device_copies.update(tensors)
 
     def _on(self, name: str, device: torch.device) -> torch.Tensor:
-        """The per-forward tensor ``name`` (of the step or its layout) on ``device``, copied once:
-        a host-to-device copy waits for the device, so one per layer would stall every layer."""
+        """The per-forward tensor ``name`` (of the step or its layout) on ``device``, copied once."""
         if name not in self._device_copies:
-            source = getattr(self, name) if name in ("new_keep", "new_origin") else getattr(self.layout, name)
-            self._device_copies[name] = source.to(device)
+            self.use_device_inputs(self.device_inputs(device))
         return self._device_copies[name]
+
+    def _positions(self, layer: CitrusLayer, c: int, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current positions of the new states ``[B, n]`` and of all keys ``[B, 1 or H, c + n]``."""
+        offsets = self._on("offsets", device).clamp(min=0)
+        if self.positions == "relative":
+            cache_pos = torch.arange(c, device=device).expand(b, 1, c)
+            new_pos = layer.lens[:, None] + offsets
+        else:
+            cache_pos = layer.origin.clamp(min=0)
+            new_pos = self._on("new_origin", device).clamp(min=0)
+        return new_pos, torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """Attention of one layer (``key``/``value`` already hold the new states); returns ``[B, n, Hq, Dv]``."""
         layer, spec = self.cache.layers[layer_idx], self.specs[layer_idx]
         c, b, device = layer.stored, key.shape[0], key.device
         lens, lens_host = layer.lens, layer.lens_host
-        offsets = self._on("offsets", device).clamp(min=0)
         real = self.layout.real
+        ragged = bool((lens_host < c).any())
         if self.positions == "relative":
-            cache_pos = torch.arange(c, device=device).expand(b, 1, c)
-            new_pos = lens[:, None] + offsets
             # Positions actually used (pads excluded), reported so tests can check they stay in
             # range; from host copies, so no device synchronisation.
             newest = torch.where(real, self.layout.offsets, -1).amax(1)
             used = int((lens_host + newest).max())
+            # Relative positions depend only on the cache's lengths: layers that share them (and
+            # their RoPE frequencies) share one set of cos/sin tables per forward.
+            rope_key = (id(spec.inv_freq), c, tuple(lens_host.tolist()), query.dtype)
+            if rope_key not in self._rope:
+                new_pos, key_pos = self._positions(layer, c, b, device)
+                self._rope[rope_key] = (rope_tables(new_pos[:, None], spec.inv_freq, query.dtype),
+                                        rope_tables(key_pos, spec.inv_freq, key.dtype))
+            q_tables, k_tables = self._rope[rope_key]
         else:
-            cache_pos = layer.origin.clamp(min=0)
-            new_pos = self._on("new_origin", device).clamp(min=0)
+            new_pos, key_pos = self._positions(layer, c, b, device)
             used = int(torch.cat([new_pos[self._on("real", device)],
-                                  cache_pos[torch.arange(c, device=device)[None, None] < lens[:, None, None]]]).max())
+                                  key_pos[..., :c][torch.arange(c, device=device)[None, None] < lens[:, None, None]]]).max())
+            q_tables = rope_tables(new_pos[:, None], spec.inv_freq, query.dtype)
+            k_tables = rope_tables(key_pos, spec.inv_freq, key.dtype)
         self.max_position = max(self.max_position, used)
-        key_pos = torch.cat([cache_pos, new_pos[:, None].expand(b, cache_pos.shape[1], -1)], dim=-1)
-        q = rotate(query, new_pos[:, None], spec.inv_freq)
-        k = rotate(key, key_pos, spec.inv_freq)
-        group = query.shape[1] // key.shape[1]
-        mask_key = (c, tuple(lens_host.tolist()), spec.window, group, query.dtype)
-        if mask_key not in self._masks:
-            self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
-        out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
-        if not bool(real.all()):
-            # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
-            lse = lse.masked_fill(~self._on("real", device)[:, None, :], float("inf"))
-        ragged = bool((lens_host < c).any())
+        q, k = apply_rope(query, *q_tables), apply_rope(key, *k_tables)
+        if spec.window is None and not ragged and bool(real.all()) and flash_usable(query):
+            # Every row sees its whole cache and, causally, its own segment: the flash kernel with
+            # lower-right causal masking does that without a bias tensor.
+            segments = [(s.start, s.stop - s.start) for s in self.layout.rows.values() if s.stop > s.start]
+            packing = None
+            if len(segments) > 1:
+                if "flash" not in self._device_copies:
+                    self._device_copies["flash"] = flash_packing(b, c, segments, device)
+                packing = self._device_copies["flash"]
+            out, lse = flash_attention_with_lse(q, k, value, scale, packing)
+        else:
+            group = query.shape[1] // key.shape[1]
+            mask_key = (c, tuple(lens_host.tolist()), spec.window, group, query.dtype)
+            if mask_key not in self._masks:
+                self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
+            out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
+            out = out.transpose(1, 2).contiguous()
+            if not bool(real.all()):
+                # An infinite lse gives a pad query zero probability everywhere, so it scores nothing.
+                lse = lse.masked_fill(~self._on("real", device)[:, None, :], float("inf"))
         self._settle(layer_idx, spec, ScoreView(q, k, lse, scale, c, lens, self.layout.rows, layer, ragged))
-        return out.transpose(1, 2).contiguous()
+        return out
 
     def _settle(self, layer_idx: int, spec: LayerSpec, view: ScoreView) -> None:
         layer, c = view.layer, view.cache_len
@@ -306,7 +421,7 @@ class Step:
             idle = self.layout.count(self.scorer) == 0
             if bool(idle.any()):
                 kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
-                kept = torch.where(idle.to(kept.device)[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
+                kept = torch.where(self._on("idle", device)[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
             kept_counts = torch.where(idle, layer.lens_host, layer.lens_host.clamp(max=min(self.policy.budget, c)))
             self.timings["score"] += t1 - t0
             self.timings["topk"] += _clock(device) - t1

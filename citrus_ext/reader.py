@@ -18,9 +18,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import compat
+from . import attention, compat
 from .attention import Layout, Step, rotate, settle_layer
 from .compat import CitrusCache
+from .graphs import ForwardGraphs, signature
 from .policies import Policy
 
 POSITIONS = ("relative", "original")
@@ -43,9 +44,14 @@ class ChunkedReader:
     policy : the eviction policy (:func:`citrus_ext.policies.make_policy`).
     chunk_size : int, ``l_s``, tokens per chunk.
     positions : ``"relative"`` (SPEC default: positions relative to the cache) or ``"original"``.
+    cuda_graphs : bool, on a CUDA model in relative positions, capture a forward whose shapes were
+        seen before in a CUDA graph and replay it (:mod:`citrus_ext.graphs`): once the cache is
+        full every chunk is one replay instead of thousands of launches. Costs the memory of one
+        forward's activations per kept graph (two at most).
     """
 
-    def __init__(self, model, policy: Policy, chunk_size: int, positions: str = "relative") -> None:
+    def __init__(self, model, policy: Policy, chunk_size: int, positions: str = "relative",
+                 cuda_graphs: bool = True) -> None:
         compat.check_supported(model)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"citrus: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
@@ -61,6 +67,8 @@ class ChunkedReader:
         self.chunks = 0
         self.max_position = 0
         self.timings: dict[str, float] = defaultdict(float)
+        on_cuda = self.device.type == "cuda" and positions == "relative"
+        self.graphs: Optional[ForwardGraphs] = ForwardGraphs() if cuda_graphs and on_cuda else None
 
     @property
     def answer_cache(self) -> CitrusCache:
@@ -99,23 +107,39 @@ class ChunkedReader:
                 for (_, part), width in zip(parts, widths)
             ],
             dim=1,
-        ).to(self.device)
+        )
+        # Pinned and asynchronous: a copy from pageable memory would wait for the device.
+        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids.to(self.device)
         layout = Layout([(name, width) for (name, _), width in zip(parts, widths)], lengths)
         step = Step(cache, self.specs, layout, self.next_index, self.policy if evict else None, scorer, keep,
                     self.positions, mirror, self.timings)
+        static = {"ids": ids, **step.device_inputs(self.device)}
+
+        def run(static: dict) -> tuple[torch.Tensor, int]:
+            step.use_device_inputs(static)
+            with torch.no_grad(), compat.citrus_attention_enabled(self.model):
+                out = self.model(
+                    input_ids=static["ids"],
+                    position_ids=compat.identity_position_ids(ids.shape[0], ids.shape[1], ids.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    citrus_step=step,
+                )
+            return out.logits[:, -1], step.max_position
+
         t0 = time.perf_counter()
-        with torch.no_grad(), compat.citrus_attention_enabled(self.model):
-            out = self.model(
-                input_ids=ids,
-                position_ids=compat.identity_position_ids(ids.shape[0], ids.shape[1], ids.device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                citrus_step=step,
-            )
+        # Graphs are off while a benchmark synchronises inside steps or a test checks counts on the host.
+        if self.graphs is not None and not attention.SYNC_TIMINGS and not attention.CHECK_COUNTS:
+            caches = [cache] + ([mirror] if mirror is not None else [])
+            key = signature(caches, (tuple(layout.segments), tuple(map(tuple, lengths.tolist())), evict, keep,
+                                     scorer, mirror is not None))
+            logits, max_position = self.graphs.run(key, caches, static, run)
+        else:
+            logits, max_position = run(static)
         self.timings["model"] += time.perf_counter() - t0
-        self.max_position = max(self.max_position, step.max_position)
-        return out.logits[:, -1]
+        self.max_position = max(self.max_position, max_position)
+        return logits
 
     def read_chunk(self, chunk: Rows, instruction: Rows) -> None:
         """Read one chunk per row (a row with an empty chunk is left as it is)."""

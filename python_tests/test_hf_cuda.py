@@ -71,3 +71,96 @@ def test_cuda_reader_half_precision_runs_and_bounds_the_cache(dtype):
     assert len(tokens[0]) == 5
     for layer in reader.cache.layers:
         assert torch.isfinite(layer.keys.float()).all() and torch.isfinite(layer.values.float()).all()
+
+
+def _materialised(query, key, value, mask, scale):
+    """Plain attention in float64 with the probabilities materialised: out [B, n, Hq, D], lse [B, Hq, n]."""
+    b, hq, n, d = query.shape
+    g = hq // key.shape[1]
+    k, v = (t.double().repeat_interleave(g, dim=1) for t in (key, value))
+    logits = query.double() @ k.transpose(-1, -2) * scale + mask.double().view(b, 1, g, n, -1)[:, 0, 0][:, None]
+    lse = torch.logsumexp(logits, dim=-1)
+    return (torch.softmax(logits, dim=-1) @ v).transpose(1, 2), lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,widths", [(1, [16]), (2, [33]), (1, [40, 7]), (2, [24, 9]), (3, [5, 11, 1])])
+def test_flash_attention_matches_materialised_reference(dtype, batch, widths):
+    """The flash path (lower-right causal per segment, varlen for several) against the block mask."""
+    from citrus_ext.attention import Layout, flash_attention_with_lse, flash_packing
+
+    hq, hkv, d, c = 8, 2, 64, 50
+    n = sum(widths)
+    g = torch.Generator().manual_seed(batch * 100 + n)
+    q, k, v = (torch.randn(batch, h, length, d, generator=g).to(dtype)
+               for h, length in ((hq, n), (hkv, c + n), (hkv, c + n)))
+    layout = Layout([(f"s{i}", w) for i, w in enumerate(widths)], torch.tensor([widths] * batch))
+    mask = layout.mask(torch.full((batch,), c), c, None, hq // hkv, torch.float32, "cpu")
+    scale = d ** -0.5
+    ref_out, ref_lse = _materialised(q, k, v, mask, scale)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    packing = flash_packing(batch, c, list(zip(starts, widths)), "cuda") if len(widths) > 1 else None
+    out, lse = flash_attention_with_lse(q.cuda(), k.cuda(), v.cuda(), scale, packing)
+    assert out.shape == (batch, n, hq, d) and lse.shape == (batch, hq, n) and lse.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def _history(reader, docs, instructions, chunk_size):
+    history = []
+    for start in range(0, max(len(d) for d in docs), chunk_size):
+        reader.read_chunk([d[start:start + chunk_size] for d in docs], instructions)
+        caches = [reader.cache] + ([reader.instruction_cache] if reader.instruction_cache is not None else [])
+        history.append([(layer.origin.cpu().clone(), layer.keys.float().cpu().clone())
+                        for cache in caches for layer in cache.layers])
+    return history, reader.generate(instructions, 6, eos=())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_replay_the_eager_reader(method, dtype, monkeypatch):
+    """Once shapes repeat the reader replays CUDA graphs; it must keep exactly what the eager
+    reader keeps, state for state and bit for bit, in a ragged batch (one row ends early)."""
+    from citrus_ext import attention
+
+    monkeypatch.setattr(attention, "CHECK_COUNTS", False)  # a host check would break the capture
+    model = tiny_model("llama", dtype=dtype).cuda()
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.randint(6, 1000, (200,), generator=g), torch.randint(6, 1000, (150,), generator=g)]
+    instructions = [torch.randint(6, 1000, (7,), generator=g), torch.randint(6, 1000, (5,), generator=g)]
+    runs = {}
+    for graphs in (False, True):
+        reader = ChunkedReader(model, make_policy(method, 24), 16, cuda_graphs=graphs)
+        runs[graphs] = _history(reader, docs, instructions, 16)
+        if graphs:
+            assert reader.graphs.captures >= 1 and reader.graphs.replays >= 3, (reader.graphs.captures,
+                                                                                reader.graphs.replays)
+            assert not reader.graphs.failed
+    (eager_hist, eager_tokens), (graph_hist, graph_tokens) = runs[False], runs[True]
+    assert len(eager_hist) == len(graph_hist)
+    for step, (a_layers, b_layers) in enumerate(zip(eager_hist, graph_hist)):
+        for layer, ((oa, ka), (ob, kb)) in enumerate(zip(a_layers, b_layers)):
+            assert torch.equal(oa, ob), f"step {step} layer {layer}: kept states differ"
+            assert torch.equal(ka, kb), f"step {step} layer {layer}: keys differ"
+    assert graph_tokens == eager_tokens
+
+
+@pytest.mark.parametrize("method", ["cse", "citrus_shared", "citrus_individual"])
+def test_flash_reader_matches_masked_reader(method):
+    """A bf16 reader of one row takes the flash path; with flash switched off it takes the masked
+    memory-efficient path. Both must keep the same states up to rounding ties."""
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    g = torch.Generator().manual_seed(5)
+    docs, instructions = [torch.randint(6, 1000, (120,), generator=g)], [torch.randint(6, 1000, (9,), generator=g)]
+    histories = []
+    for flash in (True, False):
+        previous = torch.backends.cuda.flash_sdp_enabled()
+        torch.backends.cuda.enable_flash_sdp(flash)
+        try:
+            reader = ChunkedReader(model, make_policy(method, 24), 16, cuda_graphs=False)
+            histories.append(_history(reader, docs, instructions, 16)[0])
+        finally:
+            torch.backends.cuda.enable_flash_sdp(previous)
+    shares = [_agree(a[0], b[0]) for sa, sb in zip(*histories) for a, b in zip(sa, sb)]
+    assert min(shares) >= 0.9 and sum(shares) / len(shares) >= 0.97, shares
