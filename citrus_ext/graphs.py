@@ -66,6 +66,7 @@ class _Graph:
     static: dict  # name -> device tensor the forward reads that a replay refreshes (ids, ...)
     result: torch.Tensor
     info: object  # the forward's host-side result at capture (depends only on the signature)
+    forward: Callable  # kept alive: the tensors it holds (RoPE tables, masks, ...) are read by replays
 
 
 class ForwardGraphs:
@@ -141,7 +142,7 @@ class ForwardGraphs:
             for layer, state in zip(layers, before):
                 _set_layer_state(layer, state)
         self.captures += 1
-        return _Graph(graph, before, outputs, static, result, info)
+        return _Graph(graph, before, outputs, static, result, info, forward)
 
     def _replay(self, entry: _Graph, layers: list[CitrusLayer], static: dict) -> torch.Tensor:
         targets, sources = [], []

@@ -109,7 +109,9 @@ class ChunkedReader:
             dim=1,
         )
         # Pinned and asynchronous: a copy from pageable memory would wait for the device.
-        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids.to(self.device)
+        if ids.device.type == "cpu" and self.device.type == "cuda":
+            ids = ids.pin_memory()
+        ids = ids.to(self.device, non_blocking=True)
         layout = Layout([(name, width) for (name, _), width in zip(parts, widths)], lengths)
         step = Step(cache, self.specs, layout, self.next_index, self.policy if evict else None, scorer, keep,
                     self.positions, mirror, self.timings)

@@ -133,7 +133,7 @@ def test_cuda_graphs_replay_the_eager_reader(method, dtype, monkeypatch):
     for graphs in (False, True):
         reader = ChunkedReader(model, make_policy(method, 24), 16, cuda_graphs=graphs)
         runs[graphs] = _history(reader, docs, instructions, 16)
-        if graphs:
+        if graphs and method != "full":  # the full cache grows: no two forwards share shapes
             assert reader.graphs.captures >= 1 and reader.graphs.replays >= 3, (reader.graphs.captures,
                                                                                 reader.graphs.replays)
             assert not reader.graphs.failed
