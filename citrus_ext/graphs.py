@@ -66,7 +66,7 @@ class _Graph:
     static: dict  # name -> device tensor the forward reads that a replay refreshes (ids, ...)
     result: torch.Tensor
     info: object  # the forward's host-side result at capture (depends only on the signature)
-    forward: Callable  # kept alive: the tensors it holds (RoPE tables, masks, ...) are read by replays
+    keepalive: object  # what holds tensors the replays read besides the state (RoPE tables, masks, ...)
 
 
 class ForwardGraphs:
@@ -88,12 +88,15 @@ class ForwardGraphs:
         self.captures = 0
 
     def run(self, key: Optional[tuple], caches: list[CitrusCache], static: dict[str, torch.Tensor],
-            forward: Callable[[dict], tuple]) -> tuple:
+            forward: Callable[[dict], tuple], keepalive: object = None) -> tuple:
         """Run ``forward(static)`` eagerly, or through a graph when ``key`` has been seen before.
 
         ``forward`` reads its per-forward device inputs from ``static`` (a replay copies the new
         values into the captured ones), updates ``caches`` and returns ``(tensor, info)``: a device
         result (a replay returns a copy of it) and a host-side result (recorded at capture).
+        ``keepalive`` stays with a captured graph: the object holding the other tensors the forward
+        reads. It must not refer back to the owner of these graphs, or their memory lives until the
+        garbage collector finds the cycle.
         """
         if key is None:
             return forward(static)
@@ -108,7 +111,7 @@ class ForwardGraphs:
         if key in self.failed:
             return forward(static)
         try:
-            entry = self._capture(layers, static, forward)
+            entry = self._capture(layers, static, forward, keepalive)
         except Exception as e:  # a forward that cannot be captured still runs, eagerly
             self.failed.add(key)
             if not self.warned:
@@ -121,7 +124,7 @@ class ForwardGraphs:
             self.graphs.popitem(last=False)
         return self._replay(entry, layers, static)
 
-    def _capture(self, layers: list[CitrusLayer], static: dict, forward: Callable) -> _Graph:
+    def _capture(self, layers: list[CitrusLayer], static: dict, forward: Callable, keepalive: object) -> _Graph:
         before = [_layer_state(layer) for layer in layers]
         # Warm-up on a side stream (as torch.cuda.graphs asks): lazy initialisations and the
         # forward's host-to-device copies happen here, outside the capture. Then the cache is
@@ -142,7 +145,7 @@ class ForwardGraphs:
             for layer, state in zip(layers, before):
                 _set_layer_state(layer, state)
         self.captures += 1
-        return _Graph(graph, before, outputs, static, result, info, forward)
+        return _Graph(graph, before, outputs, static, result, info, keepalive)
 
     def _replay(self, entry: _Graph, layers: list[CitrusLayer], static: dict) -> torch.Tensor:
         targets, sources = [], []

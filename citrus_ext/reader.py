@@ -136,7 +136,7 @@ class ChunkedReader:
             caches = [cache] + ([mirror] if mirror is not None else [])
             key = signature(caches, (tuple(layout.segments), tuple(map(tuple, lengths.tolist())), evict, keep,
                                      scorer, mirror is not None))
-            logits, max_position = self.graphs.run(key, caches, static, run)
+            logits, max_position = self.graphs.run(key, caches, static, run, keepalive=step)
         else:
             logits, max_position = run(static)
         self.timings["model"] += time.perf_counter() - t0
