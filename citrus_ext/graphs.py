@@ -45,6 +45,17 @@ def _device_tensors(state: dict) -> list[torch.Tensor]:
     return [state[name] for name in _STATE] + [state["aux"][k] for k in sorted(state["aux"])]
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: int) -> torch.cuda.Stream:
+    # One warm-up stream per device for every reader: libraries keep per-stream workspaces
+    # (cuBLAS: 32 MiB), so a fresh stream per capture would leave one more behind each time.
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 def signature(caches: list[CitrusCache], layout_key: tuple) -> Optional[tuple]:
     """What a forward's captured work depends on, or ``None`` if some layer is still empty."""
     parts = [layout_key]
@@ -129,7 +140,7 @@ class ForwardGraphs:
         # Warm-up on a side stream (as torch.cuda.graphs asks): lazy initialisations and the
         # forward's host-to-device copies happen here, outside the capture. Then the cache is
         # put back: nothing was written into its tensors.
-        side = torch.cuda.Stream()
+        side = _side_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             forward(static)

@@ -175,11 +175,14 @@ def test_cuda_graphs_free_their_memory_with_the_reader(monkeypatch):
     model = tiny_model("llama").cuda()
     g = torch.Generator().manual_seed(2)
     doc, instruction = torch.randint(6, 1000, (160,), generator=g), torch.randint(6, 1000, (7,), generator=g)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    reader = ChunkedReader(model, make_policy("citrus_shared", 24), 16)
-    reader.read(doc, instruction)
-    assert reader.graphs.captures >= 1 and torch.cuda.memory_allocated() > base
-    del reader
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == base
+    sizes = []
+    for _ in range(3):  # the first read also creates per-stream library workspaces, kept for reuse
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        reader = ChunkedReader(model, make_policy("citrus_shared", 24), 16)
+        reader.read(doc, instruction)
+        assert reader.graphs.captures >= 1 and torch.cuda.memory_allocated() > base
+        del reader
+        torch.cuda.synchronize()
+        sizes.append(torch.cuda.memory_allocated() - base)
+    assert sizes[1:] == [0, 0], sizes
