@@ -5,8 +5,10 @@ through to the attention function). For every layer the step
 
 1. rotates the un-rotated queries and keys (the model's own RoPE was made the identity) at
    their current positions, so a key that survived any number of evictions is rotated afresh;
-2. computes the attention output and each query's log-sum-exp with one SDPA-style kernel,
-   stacking a KV group's query heads as rows (no repeated KV heads);
+2. computes the attention output and each query's log-sum-exp with one SDPA-style kernel
+   without repeating KV heads: on CUDA, for rows without padding, the flash kernel with
+   lower-right causal masking (varlen, one sequence per segment); otherwise a KV group's query
+   heads stacked as rows under the block mask;
 3. lets the policy score the cache from that lse (``citrus_ext.ops.chunk_scores``), keeps the
    top states (``segmented_topk``) and compacts them with the new states it keeps
    (``compact_kv``), right after the layer's attention.

@@ -1,7 +1,10 @@
 """The Hugging Face reader on CUDA against the same reader on CPU (same tiny model, same input).
 
 The CUDA path differs in its attention kernel (memory-efficient SDPA with a padded bias and a
-padded lse) and in every op's kernel; kept states, generated tokens and peak sizes must agree.
+padded lse for ragged rows, flash attention for rows without padding), in every op's kernel and
+in replaying CUDA graphs; kept states, generated tokens and peak sizes must agree. The flash
+path and the graphs are also checked on their own against a materialised reference and against
+the eager reader.
 Kept sets may differ only where two scores tie to rounding, so a few swapped states are allowed.
 """
 import copy
