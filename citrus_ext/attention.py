@@ -312,29 +312,24 @@ class Step:
         keep_segment = torch.tensor([name in keep for name, _ in layout.segments])
         self.new_keep = layout.real & keep_segment[layout.segment_id][None, :]
         self.new_counts = self.new_keep.sum(1)  # new states each row keeps, on the host
+        # Rows without scoring queries in this forward (not reading) keep everything.
+        self.idle = layout.count(scorer) == 0 if policy is not None else None
         self.max_position = 0
         self._masks: dict[tuple, torch.Tensor] = {}
         self._rope: dict[tuple, tuple] = {}
-        self._device_copies: dict[str, object] = {}
-
-    DEVICE_INPUTS = ("offsets", "real", "new_keep", "new_origin")
+        self._packings: dict[tuple, tuple] = {}
+        self._device_copies: dict[str, torch.Tensor] = {}
 
     def device_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The per-forward host tensors the layers read, copied to ``device`` now (pinned,
         asynchronously), so no layer waits for a copy; a CUDA-graph replay refreshes them."""
-        out = {}
-        names = self.DEVICE_INPUTS
-        if self.policy is not None:  # rows without scoring queries in this forward keep everything
-            names += ("idle",)
-        for name in names:
-            if name == "idle":
-                source = self.layout.count(self.scorer) == 0
-            else:
-                source = getattr(self, name) if name in ("new_keep", "new_origin") else getattr(self.layout, name)
-            if device.type == "cuda":
-                source = source.pin_memory()
-            out[name] = source.to(device, non_blocking=True)
-        return out
+        host = {"offsets": self.layout.offsets, "real": self.layout.real, "new_keep": self.new_keep,
+                "new_origin": self.new_origin}
+        if self.idle is not None:
+            host["idle"] = self.idle
+        if device.type == "cuda":
+            host = {name: t.pin_memory() for name, t in host.items()}
+        return {name: t.to(device, non_blocking=True) for name, t in host.items()}
 
     def use_device_inputs(self, tensors: dict[str, torch.Tensor]) -> None:
         """Read the per-forward inputs from ``tensors`` (see :meth:`device_inputs`)."""
@@ -364,6 +359,7 @@ class Step:
         lens, lens_host = layer.lens, layer.lens_host
         real = self.layout.real
         ragged = bool((lens_host < c).any())
+        lens_key = tuple(lens_host.tolist())
         if self.positions == "relative":
             # Positions actually used (pads excluded), reported so tests can check they stay in
             # range; from host copies, so no device synchronisation.
@@ -371,7 +367,7 @@ class Step:
             used = int((lens_host + newest).max())
             # Relative positions depend only on the cache's lengths: layers that share them (and
             # their RoPE frequencies) share one set of cos/sin tables per forward.
-            rope_key = (id(spec.inv_freq), c, tuple(lens_host.tolist()), query.dtype)
+            rope_key = (id(spec.inv_freq), c, lens_key, query.dtype)
             if rope_key not in self._rope:
                 new_pos, key_pos = self._positions(layer, c, b, device)
                 self._rope[rope_key] = (rope_tables(new_pos[:, None], spec.inv_freq, query.dtype),
@@ -391,13 +387,13 @@ class Step:
             segments = [(s.start, s.stop - s.start) for s in self.layout.rows.values() if s.stop > s.start]
             packing = None
             if len(segments) > 1:
-                if "flash" not in self._device_copies:
-                    self._device_copies["flash"] = flash_packing(b, c, segments, device)
-                packing = self._device_copies["flash"]
+                if c not in self._packings:
+                    self._packings[c] = flash_packing(b, c, segments, device)
+                packing = self._packings[c]
             out, lse = flash_attention_with_lse(q, k, value, scale, packing)
         else:
             group = query.shape[1] // key.shape[1]
-            mask_key = (c, tuple(lens_host.tolist()), spec.window, group, query.dtype)
+            mask_key = (c, lens_key, spec.window, group, query.dtype)
             if mask_key not in self._masks:
                 self._masks[mask_key] = self.layout.mask(lens, c, spec.window, group, query.dtype, device)
             out, lse = attention_with_lse(q, k, value, self._masks[mask_key], scale)
@@ -420,7 +416,7 @@ class Step:
             t1 = _clock(device)
             kept = self.policy.select(scores, min(self.policy.budget, c), layer.lens)
             # A row without scoring queries in this forward (it is not reading) keeps everything.
-            idle = self.layout.count(self.scorer) == 0
+            idle = self.idle
             if bool(idle.any()):
                 kept = torch.nn.functional.pad(kept, (0, c - kept.shape[-1]), value=-1)
                 kept = torch.where(self._on("idle", device)[:, None, None], valid_prefix(layer.lens, c)[:, None], kept)
