@@ -7,8 +7,9 @@ of ``bench_reading_gpu.py``), then:
    SDPA forward of the same chunk over a cache of the same span (the model's own cost);
 2. profiles a few chunks with ``torch.profiler``: device busy time per chunk (sum of kernel
    times), kernel launches per chunk, the ops that cost most device time and most host time;
-3. times the attention kernels at the layer's shape: the memory-efficient kernel with an additive
-   bias (what the reader used first) against the flash kernel with lower-right causal masking.
+3. times the reader's two attention paths at the layer's shape: the memory-efficient kernel under
+   the block mask (ragged rows; every row before 6a927ab) against flash with lower-right causal
+   masking (rows without padding).
 
     python benchmarks/profile_reading_gpu.py --shape llama3-8b --method cse --chunk 1024 --budget 768
 
@@ -30,6 +31,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from citrus_ext import ChunkedReader, make_policy  # noqa: E402
+from citrus_ext.attention import Layout, attention_with_lse, flash_attention_with_lse  # noqa: E402
+from bench_cuda_ops import time_us  # noqa: E402
 from bench_reading_gpu import build_model  # noqa: E402
 
 
@@ -70,48 +73,29 @@ def profile(step, n: int, rows: int) -> None:
 
 
 def attention_kernels(config, chunk: int, span: int) -> None:
-    """Efficient-with-bias against flash lower-right causal at one layer's shape (B 1)."""
+    """The reader's two attention paths at one layer's shape (B 1): the masked memory-efficient
+    kernel (``attention_with_lse``) against flash with lower-right causal masking."""
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    g = hq // hkv
     c = span - chunk
-    dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(1, hq, chunk, d, device=dev, dtype=dt)
-    k = torch.randn(1, hkv, span, d, device=dev, dtype=dt)
-    v = torch.randn(1, hkv, span, d, device=dev, dtype=dt)
+    q = torch.randn(1, hq, chunk, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, span, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = d ** -0.5
-    visible = torch.ones(chunk, span, dtype=torch.bool, device=dev).tril(c)
-    bias = torch.zeros(chunk, span, dtype=dt, device=dev).masked_fill_(~visible, float("-inf"))
-    pad = -span % 16
-    bias = torch.nn.functional.pad(bias, (0, pad))[:, :span].repeat(g, 1)[None, None]
+    layout = Layout([("chunk", chunk)], torch.tensor([[chunk]]))
+    mask = layout.mask(torch.tensor([c]), c, None, hq // hkv, torch.bfloat16, "cuda")
 
-    def eff():
-        stacked = q.reshape(1, hkv, g * chunk, d)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            stacked, k, v, bias.expand(1, hkv, g * chunk, span), True, scale=scale)[:2]
+    def masked():
+        out, lse = attention_with_lse(q, k, v, mask, scale)
+        return out.transpose(1, 2), lse
 
     def flash():
-        return torch.ops.aten._flash_attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, chunk, span, 0.0, True, False,
-            scale=scale)[:2]
+        return flash_attention_with_lse(q, k, v, scale)
 
-    (o1, l1), (o2, l2) = eff(), flash()
-    o1 = o1.reshape(1, hq, chunk, d)
-    l1 = l1[..., : g * chunk].reshape(1, hq, chunk)
-    print(f"  flash vs efficient+bias: max |out| diff {(o1 - o2.transpose(1, 2)).abs().max().item():.2e}, "
-          f"max |lse| diff {(l1 - l2).abs().max().item():.2e}, lse shape {tuple(l2.shape)}")
-    for name, fn in (("efficient+bias", eff), ("flash lower-right", flash)):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ts = []
-        for _ in range(20):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end) * 1e3)
-        flops = 4 * hq * d * (chunk * c + chunk * (chunk + 1) / 2)
-        t = statistics.median(ts)
+    (o1, l1), (o2, l2) = masked(), flash()
+    print(f"  flash vs masked: max |out| diff {(o1 - o2).abs().max().item():.2e}, "
+          f"max |lse| diff {(l1 - l2).abs().max().item():.2e}")
+    flops = 4 * hq * d * (chunk * c + chunk * (chunk + 1) / 2)
+    for name, fn in (("masked efficient", masked), ("flash lower-right", flash)):
+        t = time_us(fn)
         print(f"  {name:<18} {t:8.1f} us/layer  {flops / t / 1e6:6.0f} TFLOP/s")
 
 
