@@ -17,7 +17,7 @@ capture; they depend only on the signature.
 from __future__ import annotations
 
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -87,12 +87,16 @@ class ForwardGraphs:
     ----------
     max_graphs : int, graphs kept at once (least recently used dropped); each holds its own
         memory pool of one forward's activations.
+    max_seen : int, signatures remembered while waiting for their second sighting (least recently
+        seen dropped). Decoding meets a new signature per token; without a bound the counts would
+        grow for the reader's whole life.
     """
 
-    def __init__(self, max_graphs: int = 2) -> None:
+    def __init__(self, max_graphs: int = 2, max_seen: int = 64) -> None:
         self.max_graphs = max_graphs
+        self.max_seen = max_seen
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.seen: Counter = Counter()
+        self.seen: OrderedDict[tuple, int] = OrderedDict()
         self.failed: set = set()
         self.warned = False
         self.replays = 0
@@ -116,9 +120,12 @@ class ForwardGraphs:
         if entry is not None:
             self.graphs.move_to_end(key)
             return self._replay(entry, layers, static)
-        self.seen[key] += 1
-        if self.seen[key] < 2:  # first sighting: run eagerly; a shape seen once is not worth a graph
+        if key not in self.seen:  # first sighting: run eagerly; a shape seen once is not worth a graph
+            self.seen[key] = True
+            while len(self.seen) > self.max_seen:
+                self.seen.popitem(last=False)
             return forward(static)
+        self.seen.move_to_end(key)
         if key in self.failed:
             return forward(static)
         try:
