@@ -25,6 +25,7 @@ class FakeAnswer:
     def __call__(self, document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans,
                  **options):
         self.calls.append((method, budget, chunk_size))
+        self.max_new_tokens = max_new_tokens
         self.needle_spans = needle_spans
         found = re.search(r"pass key is (\d+)", document)
         citrus = method.startswith("citrus")

@@ -74,6 +74,19 @@ def test_answer_gets_the_needle_spans(tmp_path):
     assert len(answer.needle_spans) == 4
 
 
+def test_a_listed_answer_gets_the_sample_s_answer_length(tmp_path):
+    answer = FakeAnswer()
+    cells = runner.retrieval_cells(["multivalue"], ["cse"], [64], [32], [400], [0.5], 1)
+    settings = runner.Settings(max_new_tokens=8)
+    _run(tmp_path, answer, cells=cells, settings=settings)
+    record = json.loads(runner.cell_path(tmp_path, cells[0]).read_text())
+    # 4 numbers, 1 word token each with the word tokenizer: 2 * 4 + 16
+    assert answer.max_new_tokens == record["max_new_tokens"] == 24
+    cells = runner.retrieval_cells(["passkey"], ["cse"], [64], [32], [400], [0.5], 1)
+    _run(tmp_path, answer, cells=cells, settings=settings)
+    assert answer.max_new_tokens == 8
+
+
 def test_samples_are_shared_across_methods(tmp_path):
     _run(tmp_path, FakeAnswer())
     shas = {json.loads(p.read_text())["sample"]["document_sha1"]

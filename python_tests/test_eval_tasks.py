@@ -140,5 +140,20 @@ def test_real_niah(smollm_tokenizer):
     assert sample.reference in smollm_tokenizer.decode(_ids(smollm_tokenizer, sample.document)[start:end])
 
 
+@pytest.mark.parametrize("task", ["multivalue", "multiquery", "vartrack"])
+def test_listed_answers_get_room_for_a_numbered_answer(smollm_tokenizer, task):
+    # At the folder's 32 tokens SmolLM2 ran out after two of four numbers; the sample asks for
+    # enough to restate the question and number every item.
+    sample = make_sample(task, smollm_tokenizer, 2048, 0.5, seed=0)
+    numbered = ("The special magic numbers mentioned in the text above are:\n\n"
+                + "\n".join(f"{i}. {item}" for i, item in enumerate(sample.answers, 1)))
+    assert sample.min_new_tokens >= len(_ids(smollm_tokenizer, numbered)) > 32
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey"])
+def test_single_answers_keep_the_run_setting(task):
+    assert make_sample(task, WordTokenizer(), 600, 0.5, seed=0).min_new_tokens == 0
+
+
 def test_every_task_is_listed():
     assert set(TASKS) == {"passkey", "niah", "multikey", "multivalue", "multiquery", "vartrack"}

@@ -49,7 +49,8 @@ class Settings:
     seed : int
         Base seed; each sample's seed derives from it and the sample's coordinates.
     max_new_tokens : int
-        Longest answer.
+        Longest answer; a task whose answer lists several items may ask for more
+        (:attr:`citrus_ext.eval.tasks.Sample.min_new_tokens`, recorded per cell).
     options : dict
         Policy options passed to every method (e.g. ``{"granularity": "kv_head"}``).
     model : str
@@ -285,16 +286,18 @@ def run_retrieval(cells: Iterable[Cell], out_dir, tokenizer, answer: Callable, *
                                            sample_seed(settings.seed, *key),
                                            **task_options.get(cell.task, {}))
             sample = samples[key]
+            max_new_tokens = max(settings.max_new_tokens, sample.min_new_tokens)
             start = time.perf_counter()
             result = answer(sample.document, sample.instruction, method=cell.method,
                             budget=cell.budget if cell.budget is not None else cell.length,
-                            chunk_size=cell.chunk_size, max_new_tokens=settings.max_new_tokens,
+                            chunk_size=cell.chunk_size, max_new_tokens=max_new_tokens,
                             needle_spans=sample.needle_spans, **settings.options)
             seconds = time.perf_counter() - start
             scores = metrics.score_answer(result.text, sample.answers, sample.reference)
             _write_json(path, {
                 "id": cell.id, "kind": "retrieval", "cell": asdict(cell), "settings": asdict(settings),
                 "info": info, "seconds": seconds, "prediction": result.text, "scores": scores,
+                "max_new_tokens": max_new_tokens,
                 "sample": {"seed": sample.seed, "n_tokens": sample.n_tokens, "depth": sample.depth,
                            "needle_spans": sample.needle_spans, "answers": sample.answers,
                            "reference": sample.reference, "instruction": sample.instruction,

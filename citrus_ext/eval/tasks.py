@@ -74,6 +74,9 @@ class Sample:
         Token span ``[start, end)`` of every needle, in document order.
     seed : int
         The seed the sample was drawn with.
+    min_new_tokens : int
+        The fewest answer tokens that can hold a complete answer (0: the run's setting is enough).
+        Set for the tasks whose answer lists several items, which a 32-token answer cuts short.
     """
 
     task: str
@@ -85,6 +88,7 @@ class Sample:
     depth: float
     needle_spans: tuple[tuple[int, int], ...] = field(default=())
     seed: int = 0
+    min_new_tokens: int = 0
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -184,12 +188,15 @@ def compose(tokenizer, n_tokens: int, needles: Sequence[tuple[float, str]],
 
 
 def _finish(task: str, tokenizer, text: str, spans, instruction: str, answers: Sequence[str],
-            reference: str, seed: int) -> Sample:
+            reference: str, seed: int, list_answer: bool = False) -> Sample:
     # The first needle given is the one placed at the requested depth (the asked one).
     n = count_tokens(tokenizer, text)
+    # A listed answer gets room for itself twice over plus a preamble: small models number the
+    # items ("1. 5821470\n2. ...") and restate the question before them.
+    min_new = 2 * count_tokens(tokenizer, reference) + 16 if list_answer else 0
     return Sample(task=task, document=text, instruction=instruction, answers=tuple(answers),
                   reference=reference, n_tokens=n, depth=needle_depth(spans[0], n),
-                  needle_spans=tuple(sorted(spans)), seed=seed)
+                  needle_spans=tuple(sorted(spans)), seed=seed, min_new_tokens=min_new)
 
 
 def _number(rng: random.Random, digits: int) -> str:
@@ -341,7 +348,8 @@ def multivalue(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_values: 
     text, spans = compose(tokenizer, n_tokens, [(d, _magic(key, v)) for d, v in zip(depths, values)])
     instruction = (f"What are all the special magic numbers for {key} mentioned in the text "
                    "above? Answer with the numbers only, separated by commas.")
-    return _finish("multivalue", tokenizer, text, spans, instruction, values, ", ".join(values), seed)
+    return _finish("multivalue", tokenizer, text, spans, instruction, values, ", ".join(values), seed,
+                   list_answer=True)
 
 
 def multiquery(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_queries: int = 4) -> Sample:
@@ -365,7 +373,8 @@ def multiquery(tokenizer, n_tokens: int, depth: float, seed: int = 0, n_queries:
     instruction = (f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} "
                    "mentioned in the text above? Answer with the numbers only, in that order, "
                    "separated by commas.")
-    return _finish("multiquery", tokenizer, text, spans, instruction, values, ", ".join(values), seed)
+    return _finish("multiquery", tokenizer, text, spans, instruction, values, ", ".join(values), seed,
+                   list_answer=True)
 
 
 def vartrack(tokenizer, n_tokens: int, depth: float, seed: int = 0, hops: int = 4,
@@ -411,7 +420,7 @@ def vartrack(tokenizer, n_tokens: int, depth: float, seed: int = 0, hops: int = 
                    "directly or through other variables. Answer with the variable names only, "
                    "separated by spaces.")
     return _finish("vartrack", tokenizer, text, spans, instruction, chains[0], " ".join(chains[0]),
-                   seed)
+                   seed, list_answer=True)
 
 
 TASKS: dict[str, Callable[..., Sample]] = {
