@@ -80,8 +80,8 @@ def test_a_listed_answer_gets_the_sample_s_answer_length(tmp_path):
     settings = runner.Settings(max_new_tokens=8)
     _run(tmp_path, answer, cells=cells, settings=settings)
     record = json.loads(runner.cell_path(tmp_path, cells[0]).read_text())
-    # 4 numbers, 1 word token each with the word tokenizer: 2 * 4 + 16
-    assert answer.max_new_tokens == record["max_new_tokens"] == 24
+    # 4 numbers, 1 word token each with the word tokenizer: 16 + 4 * (1 + 10)
+    assert answer.max_new_tokens == record["max_new_tokens"] == 60
     cells = runner.retrieval_cells(["passkey"], ["cse"], [64], [32], [400], [0.5], 1)
     _run(tmp_path, answer, cells=cells, settings=settings)
     assert answer.max_new_tokens == 8

@@ -147,7 +147,10 @@ def test_listed_answers_get_room_for_a_numbered_answer(smollm_tokenizer, task):
     sample = make_sample(task, smollm_tokenizer, 2048, 0.5, seed=0)
     numbered = ("The special magic numbers mentioned in the text above are:\n\n"
                 + "\n".join(f"{i}. {item}" for i, item in enumerate(sample.answers, 1)))
-    assert sample.min_new_tokens >= len(_ids(smollm_tokenizer, numbered)) > 32
+    restated = ("The text contains the following variables:\n\n"
+                + "\n".join(f"- VAR {item} = 96566" for item in sample.answers))
+    longest = max(len(_ids(smollm_tokenizer, numbered)), len(_ids(smollm_tokenizer, restated)))
+    assert sample.min_new_tokens >= longest > 32
 
 
 @pytest.mark.parametrize("task", ["passkey", "multikey"])

@@ -191,9 +191,10 @@ def _finish(task: str, tokenizer, text: str, spans, instruction: str, answers: S
             reference: str, seed: int, list_answer: bool = False) -> Sample:
     # The first needle given is the one placed at the requested depth (the asked one).
     n = count_tokens(tokenizer, text)
-    # A listed answer gets room for itself twice over plus a preamble: small models number the
-    # items ("1. 5821470\n2. ...") and restate the question before them.
-    min_new = 2 * count_tokens(tokenizer, reference) + 16 if list_answer else 0
+    # A listed answer gets room for each item plus 10 tokens of frame around it, and 16 for a
+    # preamble: small models restate the question, then number the items ("1. 5821470\n") or
+    # restate them ("- VAR IZQJA = 96566\n").
+    min_new = 16 + sum(count_tokens(tokenizer, a) + 10 for a in answers) if list_answer else 0
     return Sample(task=task, document=text, instruction=instruction, answers=tuple(answers),
                   reference=reference, n_tokens=n, depth=needle_depth(spans[0], n),
                   needle_spans=tuple(sorted(spans)), seed=seed, min_new_tokens=min_new)
