@@ -49,6 +49,19 @@ def test_read_logprobs_with_eviction(tiny_llama, method):
     torch.testing.assert_close(torch.tensor(nll[:31]), _reference_nll(tiny_llama, ids[:32]), rtol=1e-4, atol=1e-4)
 
 
+def test_individual_reads_with_cse_log_probs(tiny_llama):
+    # SPEC: the chunk never attends to the instruction cache, so reading (and perplexity) is CSE's;
+    # the instruction's choice shows only in the answer cache.
+    from citrus_ext.eval.backend import read_logprobs
+
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    cse, _ = read_logprobs(tiny_llama, ids, "cse", 48, 32, [5, 6, 7])
+    individual, _ = read_logprobs(tiny_llama, ids, "citrus_individual", 48, 32, [5, 6, 7])
+    shared, _ = read_logprobs(tiny_llama, ids, "citrus_shared", 48, 32, [5, 6, 7])
+    assert individual == cse
+    assert shared != cse  # the shared cache is chosen by the instruction, so its reading differs
+
+
 def test_model_info(tiny_llama):
     from citrus_ext.eval.backend import model_info
 
