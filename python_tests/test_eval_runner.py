@@ -158,6 +158,29 @@ def test_perplexity_ranges_double_and_weight_windows_by_tokens():
     assert table[2] == "| cse | 64 | 32 | " + " | ".join(f"{v:.2f}" for v in expected) + " | 9.00 |"
 
 
+def _record(task, method, budget, length, depth, accuracy, chunk=32):
+    return {"cell": dict(task=task, method=method, budget=budget, chunk_size=chunk, length=length,
+                         depth=depth, sample=0), "scores": {"containment": accuracy}}
+
+
+def test_budget_curves_compare_the_same_documents_at_every_budget():
+    from citrus_ext.eval.plots import budget_curves
+
+    records = [_record("passkey", "cse", 64, 256, 0.5, 0.0), _record("passkey", "cse", 64, 512, 0.5, 1.0),
+               _record("passkey", "cse", 128, 256, 0.5, 1.0),  # k=128 ran at 256 tokens only
+               _record("passkey", "cse", 64, 256, 0.5, 0.0, chunk=16),  # another chunk size
+               _record("niah", "cse", 128, 256, 0.5, 0.0),  # another task
+               _record("passkey", "h2o", 64, 256, 0.0, 1.0), _record("passkey", "h2o", 64, 256, 1.0, 0.0),
+               _record("passkey", "full", None, 256, 0.5, 1.0), _record("passkey", "full", None, 512, 0.5, 0.0)]
+    curves = budget_curves(records, "passkey", 32)
+    # Unmatched, cse would read 0.5 -> 1.0 and seem to gain from the budget; matched it is 0 -> 1 on
+    # the one document both budgets read.
+    assert curves["cse"] == [(64, 0.0, 1), (128, 1.0, 1)]
+    assert curves["h2o"] == [(64, 0.5, 2)]
+    assert curves["full"] == [(None, 0.5, 2)]
+    assert set(curves) == {"cse", "h2o", "full"}
+
+
 def test_plots_are_written(tmp_path):
     _run(tmp_path, FakeAnswer())
     cells = runner.perplexity_cells(["full", "cse"], [64], [32], 1000, window=512)

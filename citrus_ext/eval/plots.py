@@ -3,8 +3,9 @@
 ``heatmap_<task>_k<budget>_c<chunk>.png``
     Accuracy per (depth, document length), one panel per method: green = found, red = lost.
 ``accuracy_vs_budget_c<chunk>.png``
-    Accuracy averaged over tasks, lengths and depths, against the budget, one line per method;
-    the full cache (no budget) is a dashed horizontal line over the lengths it can read.
+    A panel per task: accuracy against the budget, one line per method, each line over the same
+    documents at every budget (:func:`budget_curves`); the full cache (no budget) is a dashed
+    horizontal line over the lengths it can read.
 ``perplexity.png``
     Perplexity of each window of tokens against the number of tokens read, log-scaled x.
 ``memory.png``
@@ -31,6 +32,11 @@ def _pyplot():
 
 def _order(methods) -> list[str]:
     return sorted(methods, key=lambda m: (RETRIEVAL_METHODS.index(m) if m in RETRIEVAL_METHODS else 99, m))
+
+
+def _color(method: str) -> str:
+    # One colour per method in every panel and figure.
+    return f"C{RETRIEVAL_METHODS.index(method) % 10}" if method in RETRIEVAL_METHODS else "grey"
 
 
 def _label(n: int) -> str:
@@ -83,27 +89,61 @@ def plot_heatmaps(records: Sequence[dict], out_dir) -> list[Path]:
     return files
 
 
+def budget_curves(records: Sequence[dict], task: str, chunk: int) -> dict[str, list[tuple]]:
+    """Accuracy against the budget for one task and chunk size, per method, on matched cells.
+
+    A method's points average the same documents at every budget: the (length, depth, sample)
+    coordinates it was run at with each of its budgets. So a slope is the budget's effect, not a
+    change of cells (a grid run with more lengths at one budget would otherwise show one).
+
+    Returns
+    -------
+    dict
+        method -> sorted list of ``(budget, accuracy, cells per point)``; ``full`` (no budget) ->
+        ``[(None, accuracy, cells)]`` over all its cells of the task.
+    """
+    scores: dict = {}
+    for r in records:
+        c = r["cell"]
+        if c["task"] != task or (c["budget"] is not None and c["chunk_size"] != chunk):
+            continue
+        scores.setdefault(c["method"], {}).setdefault(c["budget"], {})[
+            (c["length"], c["depth"], c["sample"])] = r["scores"]["containment"]
+    curves = {}
+    for method, by_budget in scores.items():
+        common = set.intersection(*(set(cells) for cells in by_budget.values()))
+        if common:
+            curves[method] = sorted(((b, sum(cells[x] for x in common) / len(common), len(common))
+                                     for b, cells in by_budget.items()), key=lambda p: (p[0] is None, p[0] or 0))
+    return curves
+
+
 def plot_accuracy_vs_budget(records: Sequence[dict], out_dir) -> list[Path]:
-    """One figure per chunk size: accuracy (all tasks, lengths, depths) against the budget."""
+    """One figure per chunk size, a panel per task: accuracy against the budget on matched cells."""
     plt = _pyplot()
-    groups = retrieval_groups(records, ("method", "budget", "chunk_size"))
     files = []
-    for chunk in sorted({g["chunk_size"] for g in groups if g["budget"] is not None}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in _order({g["method"] for g in groups}):
-            if method == "full":
-                full = [g for g in groups if g["method"] == "full"]
-                ax.axhline(full[0]["containment"], color="black", linestyle="--",
-                           label="full (lengths that fit)")
-                continue
-            points = sorted((g["budget"], g["containment"]) for g in groups
-                            if g["method"] == method and g["chunk_size"] == chunk)
-            ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(xlabel="budget k (old states kept per layer)", ylabel="accuracy", ylim=(-0.03, 1.03),
-               title=f"Retrieval accuracy against budget (chunk {chunk})")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    cells = [r["cell"] for r in records]
+    for chunk in sorted({c["chunk_size"] for c in cells if c["budget"] is not None}):
+        tasks = sorted({c["task"] for c in cells if c["budget"] is not None and c["chunk_size"] == chunk})
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, sharey=True)
+        for ax, task in zip(axes[0], tasks):
+            curves = budget_curves(records, task, chunk)
+            for method in _order(curves):
+                points = curves[method]
+                if method == "full":
+                    ax.axhline(points[0][1], color="black", linestyle="--",
+                               label=f"full ({points[0][2]} cells, lengths that fit)")
+                    continue
+                budgets, accuracy, n = zip(*points)
+                ax.plot(budgets, accuracy, marker="o", color=_color(method),
+                        label=f"{method} ({n[0]} cells a point)")
+            ax.set(xlabel="budget k (old states kept per layer)", ylim=(-0.03, 1.03), title=task)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel("accuracy")
+        fig.suptitle(f"Retrieval accuracy against budget, chunk {chunk} "
+                     "(each line: the same documents at every budget)", fontsize=10)
         files.append(_save(fig, plt, Path(out_dir) / f"accuracy_vs_budget_c{chunk}.png"))
     return files
 
