@@ -10,7 +10,7 @@
     Perplexity of each window of tokens against the number of tokens read, log-scaled x.
 ``memory.png``
     Peak KV-cache size (states summed over layers, or MiB when the model is known) against the
-    document length, per method and budget.
+    document length, per method, budget and chunk size.
 """
 from __future__ import annotations
 
@@ -30,13 +30,17 @@ def _pyplot():
     return plt
 
 
+def _rank(method: str) -> int:
+    return RETRIEVAL_METHODS.index(method) if method in RETRIEVAL_METHODS else len(RETRIEVAL_METHODS)
+
+
 def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (RETRIEVAL_METHODS.index(m) if m in RETRIEVAL_METHODS else 99, m))
+    return sorted(methods, key=lambda m: (_rank(m), m))
 
 
 def _color(method: str) -> str:
     # One colour per method in every panel and figure.
-    return f"C{RETRIEVAL_METHODS.index(method) % 10}" if method in RETRIEVAL_METHODS else "grey"
+    return f"C{_rank(method) % 10}" if method in RETRIEVAL_METHODS else "grey"
 
 
 def _label(n: int) -> str:
@@ -174,28 +178,34 @@ def plot_perplexity(records: Sequence[dict], out_dir) -> list[Path]:
 
 
 def plot_memory(records: Sequence[dict], out_dir) -> list[Path]:
-    """Peak KV cache against document length, per (method, budget); MiB when bytes are known."""
-    groups = [g for g in retrieval_groups(records, ("method", "budget", "length"))
+    """Peak KV cache against document length, per (method, budget, chunk size); MiB when bytes are known.
+
+    Colour says the method, line style the budget, marker the chunk size; ``full`` is black."""
+    groups = [g for g in retrieval_groups(records, ("method", "budget", "chunk_size", "length"))
               if g["peak_states"] is not None]
     if not groups:
         return []
     plt = _pyplot()
     in_bytes = all(g["peak_kv_bytes"] is not None for g in groups)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in _order({g["method"] for g in groups}):
-        for budget in sorted({g["budget"] for g in groups if g["method"] == method}, key=str):
-            points = sorted((g["length"], g["peak_kv_bytes"] / 2 ** 20 if in_bytes else g["peak_states"])
-                            for g in groups if g["method"] == method and g["budget"] == budget)
-            label = method if budget is None else f"{method} k={budget}"
-            ax.plot(*zip(*points), marker="o", label=label,
-                    linestyle="--" if method == "full" else "-")
+    budgets = sorted({g["budget"] for g in groups if g["budget"] is not None})
+    chunks = sorted({g["chunk_size"] for g in groups})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, budget, chunk in sorted({(g["method"], g["budget"], g["chunk_size"]) for g in groups},
+                                        key=lambda t: (_rank(t[0]), t[1] or 0, t[2])):
+        points = sorted((g["length"], g["peak_kv_bytes"] / 2 ** 20 if in_bytes else g["peak_states"])
+                        for g in groups if (g["method"], g["budget"], g["chunk_size"]) == (method, budget, chunk))
+        full = budget is None
+        ax.plot(*zip(*points), color="black" if full else _color(method),
+                linestyle=":" if full else ["-", "--", "-.", ":"][budgets.index(budget) % 4],
+                marker="os^vD"[chunks.index(chunk) % 5],
+                label=method if full else f"{method} k={budget} c={chunk}")
     ax.set(xlabel="document tokens",
            ylabel="peak KV cache (MiB)" if in_bytes else "peak KV states per layer",
            title="Peak KV cache against document length")
     _length_axis(ax, [g["length"] for g in groups])
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     return [_save(fig, plt, Path(out_dir) / "memory.png")]
 
 
