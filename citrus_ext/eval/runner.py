@@ -553,6 +553,10 @@ def markdown_summary(summary: dict) -> str:
         parts.append("Retrieval accuracy = share of the expected strings found in the answer "
                      "(containment), averaged over depths and samples.")
         parts.append("## Retrieval accuracy, all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"]))
+        # An entry averages whatever tasks were run there, so two entries can hold different tasks.
+        parts.append("Cells per entry above. Entries average the cells run there, whatever their task: "
+                     "compare two entries only where they hold the same cells, or use the per-task "
+                     "tables below.\n\n" + accuracy_table(summary["retrieval_all_tasks"], "n"))
         if any(g["needle_kept_read"] is not None for g in summary["retrieval_all_tasks"]):
             parts.append("## Needle tokens kept in the answer cache after reading (mean over layers), "
                          "all tasks\n\n" + accuracy_table(summary["retrieval_all_tasks"], "needle_kept_read"))
