@@ -96,7 +96,7 @@ class ForwardGraphs:
         self.max_graphs = max_graphs
         self.max_seen = max_seen
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.seen: OrderedDict[tuple, int] = OrderedDict()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # an ordered set: oldest first
         self.failed: set = set()
         self.warned = False
         self.replays = 0
@@ -121,7 +121,7 @@ class ForwardGraphs:
             self.graphs.move_to_end(key)
             return self._replay(entry, layers, static)
         if key not in self.seen:  # first sighting: run eagerly; a shape seen once is not worth a graph
-            self.seen[key] = True
+            self.seen[key] = None
             while len(self.seen) > self.max_seen:
                 self.seen.popitem(last=False)
             return forward(static)

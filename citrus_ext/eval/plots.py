@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .runner import RETRIEVAL_METHODS, load_cells, longest_runs, retrieval_groups
+from .runner import RETRIEVAL_METHODS, load_cells, longest_runs, method_rank, retrieval_groups, sort_key
 
 
 def _pyplot():
@@ -30,17 +30,13 @@ def _pyplot():
     return plt
 
 
-def _rank(method: str) -> int:
-    return RETRIEVAL_METHODS.index(method) if method in RETRIEVAL_METHODS else len(RETRIEVAL_METHODS)
-
-
 def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (_rank(m), m))
+    return sorted(methods, key=lambda m: (method_rank(m), m))
 
 
 def _color(method: str) -> str:
     # One colour per method in every panel and figure.
-    return f"C{_rank(method) % 10}" if method in RETRIEVAL_METHODS else "grey"
+    return f"C{method_rank(method) % 10}" if method in RETRIEVAL_METHODS else "grey"
 
 
 def _label(n: int) -> str:
@@ -118,7 +114,7 @@ def budget_curves(records: Sequence[dict], task: str, chunk: int) -> dict[str, l
         common = set.intersection(*(set(cells) for cells in by_budget.values()))
         if common:
             curves[method] = sorted(((b, sum(cells[x] for x in common) / len(common), len(common))
-                                     for b, cells in by_budget.items()), key=lambda p: (p[0] is None, p[0] or 0))
+                                     for b, cells in by_budget.items()), key=lambda p: sort_key(p[0]))
     return curves
 
 
@@ -191,7 +187,7 @@ def plot_memory(records: Sequence[dict], out_dir) -> list[Path]:
     chunks = sorted({g["chunk_size"] for g in groups})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, budget, chunk in sorted({(g["method"], g["budget"], g["chunk_size"]) for g in groups},
-                                        key=lambda t: (_rank(t[0]), t[1] or 0, t[2])):
+                                        key=lambda t: (method_rank(t[0]), sort_key(t[1]), t[2])):
         points = sorted((g["length"], g["peak_kv_bytes"] / 2 ** 20 if in_bytes else g["peak_states"])
                         for g in groups if (g["method"], g["budget"], g["chunk_size"]) == (method, budget, chunk))
         full = budget is None

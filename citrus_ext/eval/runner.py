@@ -420,10 +420,15 @@ def retrieval_groups(records: Sequence[dict], by: Sequence[str]) -> list[dict]:
         for name in ("peak_states", "peak_kv_bytes", "needle_kept_read", "needle_kept_final"):
             row[name] = _mean([r["stats"].get(name) for r in rs])
         out.append(row)
-    return sorted(out, key=lambda row: tuple(_sort_key(row[k]) for k in by))
+    return sorted(out, key=lambda row: tuple(sort_key(row[k]) for k in by))
 
 
-def _sort_key(value):
+def method_rank(method: str) -> int:
+    """Where ``method`` sorts in tables and plots: the order of :data:`RETRIEVAL_METHODS`, others last."""
+    return RETRIEVAL_METHODS.index(method) if method in RETRIEVAL_METHODS else len(RETRIEVAL_METHODS)
+
+
+def sort_key(value):
     # None (the full cache's budget) sorts after every number.
     return (value is None, value if value is not None else 0)
 
@@ -471,7 +476,7 @@ def accuracy_table(groups: Sequence[dict], metric: str = "containment") -> str:
     budgets = sorted({g["budget"] for g in groups if g["budget"] is not None})
     lengths = sorted({g["length"] for g in groups})
     rows = sorted({(g["method"], g["chunk_size"]) for g in groups},
-                  key=lambda mc: (RETRIEVAL_METHODS.index(mc[0]) if mc[0] in RETRIEVAL_METHODS else 99, mc))
+                  key=lambda mc: (method_rank(mc[0]), mc))
     value = {(g["method"], g["chunk_size"], g["budget"], g["length"]): g[metric] for g in groups}
     columns = [(b, n) for b in (budgets or [None]) for n in lengths]
     lines = ["| method | chunk | " + " | ".join(f"k={b} {_tokens(n)}" if b is not None else _tokens(n)
@@ -502,7 +507,7 @@ def _perplexity_markdown(rows: Sequence[dict], headers: Sequence[str], values) -
     run's overall perplexity."""
     lines = ["| method | k | chunk | " + " | ".join(headers) + " | overall |",
              "|---|---:|---:|" + "---:|" * (len(headers) + 1)]
-    for r in sorted(rows, key=lambda r: (r["method"], _sort_key(r["budget"]), r["chunk_size"])):
+    for r in sorted(rows, key=lambda r: (r["method"], sort_key(r["budget"]), r["chunk_size"])):
         budget = "—" if r["budget"] is None else r["budget"]
         lines.append(f"| {r['method']} | {budget} | {r['chunk_size']} | "
                      + " | ".join(_fmt(v) for v in values(r)) + f" | {_fmt(r['ppl'])} |")
