@@ -1,10 +1,8 @@
 """Shared benchmark plumbing: timing, peak memory, environment record, result files."""
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -12,31 +10,9 @@ import time
 
 import torch
 
+from citrus_ext.environment import environment  # noqa: F401 (re-exported for the benchmarks)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def environment(device: str) -> dict:
-    """Machine, versions and date, written beside every result."""
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "commit": _commit(),
-    }
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return env
 
 
 # Model shapes the reading benchmarks build randomly initialised Llama models from (weights do
@@ -59,33 +35,6 @@ def llama_config(shape: str):
     theta = sizes.pop("rope_theta")
     return transformers.LlamaConfig(**sizes, rope_parameters={"rope_type": "default", "rope_theta": theta},
                                     rms_norm_eps=1e-5)
-
-
-def _commit() -> str:
-    """The checked-out commit, with "+dirty" when the tree has changes; "" outside a git clone.
-    ``CITRUS_COMMIT`` names it where the tree travelled without its history (the lent GPU)."""
-    if os.environ.get("CITRUS_COMMIT"):
-        return os.environ["CITRUS_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+dirty" if dirty else "")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def median_time(fn, device: str, warmup: int = 2, iters: int = 5) -> float:

@@ -121,3 +121,22 @@ def test_needle_kept_counts_heads_separately():
     assert needle_kept(cache, torch.tensor([7])) == [1.0, 0.5]
     assert needle_kept(cache, torch.tensor([], dtype=torch.long)) == []
     assert needle_map(cache, torch.tensor([2, 3, 4, 5])) == ["##..", "#+.+"]
+
+
+def test_cli_runs_a_cell_and_records_the_environment(tiny_llama, tmp_path, monkeypatch):
+    """`citrus eval retrieval` end to end on the tiny model: the cell says where it ran (torch's thread
+    count among it, since CPU answers can change with it)."""
+    import json
+
+    from citrus_ext.eval import backend, cli
+
+    monkeypatch.setattr(backend, "load_model", lambda path, dtype, device: (tiny_llama, _ModTokenizer()))
+    args = ["retrieval", "--tasks", "passkey", "--methods", "cse", "--budgets", "32", "--chunk-sizes", "32",
+            "--lengths", "256", "--depths", "0.5", "--samples", "1", "--out", str(tmp_path), "--no-plots", "--quiet"]
+    assert cli.main(args) == 0
+    (path,) = (tmp_path / "cells").glob("*.json")
+    cell = json.loads(path.read_text())
+    env = cell["info"]["environment"]
+    assert env["device"] == "cpu" and env["threads"] == torch.get_num_threads()
+    assert env["torch"] == torch.__version__ and env["date"].startswith("20")
+    assert cell["info"]["window"] == 512 and cell["stats"]["peak_states"] > 0

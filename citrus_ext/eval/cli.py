@@ -168,10 +168,14 @@ def run_eval(args) -> int:
         if isinstance(cell, runner.Cell) != (args.eval_command == "retrieval"):
             print(f"citrus eval: {args.cell} is not a {args.eval_command} cell", file=sys.stderr)
             return 2
+    from citrus_ext.environment import environment
+
     from . import backend
 
     model, tokenizer = backend.load_model(args.model, dtype=args.dtype, device=args.device)
-    info = backend.model_info(model)
+    # Written into every cell: CPU answers can change with the thread count (rounding), and the
+    # cell should say so.
+    info = {**backend.model_info(model), "environment": environment(args.device)}
     if args.cell:
         settings, cells, force = runner.load_settings(out), [cell], True
     else:
