@@ -140,3 +140,34 @@ def test_cli_runs_a_cell_and_records_the_environment(tiny_llama, tmp_path, monke
     assert env["device"] == "cpu" and env["threads"] == torch.get_num_threads()
     assert env["torch"] == torch.__version__ and env["date"].startswith("20")
     assert cell["info"]["window"] == 512 and cell["stats"]["peak_states"] > 0
+
+
+def test_inspect_sees_the_final_answer_cache(tiny_llama):
+    """The ``inspect`` hook gets the cache the answer is decoded from, and does not change the answer."""
+    from citrus_ext.eval.backend import answer_fn
+
+    run = answer_fn(tiny_llama, _ModTokenizer())
+    document = " ".join(f"w{i % 37}" for i in range(160))
+    kwargs = dict(method="citrus_shared", budget=40, chunk_size=32, max_new_tokens=6, needle_spans=[(50, 60)])
+    seen = []
+    inspected = run(document, "what was said", inspect=lambda cache, ids, offset, needle: seen.append(
+        ([layer.origin.shape[-1] for layer in cache.layers], len(ids), offset, needle.tolist())), **kwargs)
+    assert inspected.token_ids == run(document, "what was said", **kwargs).token_ids
+    ((sizes, n_ids, offset, needle),) = seen
+    assert sizes == [40, 40]  # pruned to the budget in both layers
+    assert n_ids == 160 and offset == 0 and needle == list(range(50, 60))  # no chat template here
+
+
+def test_inspect_cell_splits_kept_states_by_origin():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from inspect_cell import layer_contents
+
+    # template head 0-3, document 4-39, needle 10-12; kept: 2 head, needle 10 and 11, rest 4-8 (a run
+    # of 5) and 20, 22 (scattered); 50 is past the document (instruction or answer) and not counted.
+    origin = torch.tensor([[0, 1, 4, 5, 6, 7, 8, 10, 11, 20, 22, 50]])
+    row = layer_contents(origin, offset=4, n_doc=40, needle={10, 11, 12})
+    assert (row["head"], row["needle"], row["rest"]) == (2, 2, 7)
+    assert row["rest_in_runs"] == pytest.approx(5 / 7) and row["rest_ids"] == [4, 5, 6, 7, 8, 20, 22]

@@ -41,11 +41,14 @@ def answer_fn(model, tokenizer) -> Callable:
         (after the instruction's final pruning): per layer, the share of needle tokens whose
         states are in the answer cache (averaged over KV heads for a head-level selection); and
         ``needle_map``, which of the needle's tokens each layer kept at the end (:func:`needle_map`).
+        ``inspect(cache, doc_ids, offset, needle)``, when given, sees the answer cache after the
+        final pruning (``offset``: the chat template's tokens before the document), as
+        ``benchmarks/inspect_cell.py`` does.
     """
     from citrus_ext import Answer, ChunkedReader, compat, make_policy, split_prompt
 
     def run(document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans=(),
-            **options):
+            inspect: Optional[Callable] = None, **options):
         start = time.perf_counter()
         compat.check_supported(model)
         doc_ids, instr_ids = split_prompt(tokenizer, document, instruction)
@@ -60,6 +63,8 @@ def answer_fn(model, tokenizer) -> Callable:
         reader.prune(instr)
         kept_final = needle_kept(reader.answer_cache, needle)
         kept_map = needle_map(reader.answer_cache, needle)
+        if inspect is not None:
+            inspect(reader.answer_cache, doc_ids, offset, needle)
         (tokens,) = reader.decode(reader.encode_instruction(instr), max_new_tokens,
                                   compat.eos_token_ids(model, tokenizer))  # one row
         stats = reader.stats()

@@ -57,7 +57,7 @@ def _names(choices):
     return parse
 
 
-def _option(text: str) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
     """``key=value`` with the value read as int, float, bool or str."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -76,7 +76,7 @@ def _common(parser: argparse.ArgumentParser, methods, out: str) -> None:
     parser.add_argument("--budgets", type=_ints, default=[256, 512], help="budgets k (default: 256,512)")
     parser.add_argument("--chunk-sizes", type=_ints, default=[128, 256],
                         help="chunk sizes (default: 128,256)")
-    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                         help="policy option for every method, repeatable (e.g. granularity=kv_head)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--out", default=out, help=f"results folder (default: {out})")
