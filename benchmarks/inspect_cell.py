@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -41,6 +42,23 @@ def layer_contents(origin: torch.Tensor, offset: int, n_doc: int, needle: set) -
             "rest": len(rest), "rest_in_runs": in_runs / len(rest) if rest else 0.0, "rest_ids": rest}
 
 
+def load_cell(parser, out: str, cell_id: str, model_path=None, budget=None, options=()) -> SimpleNamespace:
+    """The model, the cell and its sample rebuilt from the folder's settings (the same seed, so the
+    same text), the budget (``budget`` overrides the cell's) and policy options (``options``,
+    ``(name, value)`` pairs, override the folder's), and the cell's answer length."""
+    settings = runner.load_settings(out)
+    cell = runner.parse_cell_id(cell_id)
+    if not isinstance(cell, runner.Cell):
+        parser.error(f"--cell: {cell_id} is not a retrieval cell")
+    model, tokenizer = backend.load_model(model_path)
+    sample = make_sample(cell.task, tokenizer, cell.length, cell.depth,
+                         sample_seed(settings.seed, cell.task, cell.length, cell.depth, cell.sample))
+    return SimpleNamespace(model=model, tokenizer=tokenizer, cell=cell, sample=sample,
+                           budget=budget or cell.budget or cell.length,
+                           options={**settings.options, **dict(options)},
+                           max_new_tokens=max(settings.max_new_tokens, sample.min_new_tokens))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="results folder of the cell (its settings.json)")
@@ -53,15 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the per-layer numbers here")
     args = parser.parse_args(argv)
 
-    settings = runner.load_settings(args.out)
-    cell = runner.parse_cell_id(args.cell)
-    if not isinstance(cell, runner.Cell):
-        parser.error(f"--cell: {args.cell} is not a retrieval cell")
-    model, tokenizer = backend.load_model(args.model)
-    sample = make_sample(cell.task, tokenizer, cell.length, cell.depth,
-                         sample_seed(settings.seed, cell.task, cell.length, cell.depth, cell.sample))
-    budget = args.budget or cell.budget or cell.length
-    options = {**settings.options, **dict(args.option)}
+    loaded = load_cell(parser, args.out, args.cell, args.model, args.budget, args.option)
+    model, tokenizer, cell, sample = loaded.model, loaded.tokenizer, loaded.cell, loaded.sample
+    budget, options = loaded.budget, loaded.options
     layers: list[dict] = []
     texts: dict = {}
     show = {int(x) for x in args.show_layers.split(",") if x}
@@ -77,7 +89,7 @@ def main(argv=None) -> int:
 
     answer = backend.answer_fn(model, tokenizer)(
         sample.document, sample.instruction, method=cell.method, budget=budget, chunk_size=cell.chunk_size,
-        max_new_tokens=max(settings.max_new_tokens, sample.min_new_tokens), needle_spans=sample.needle_spans,
+        max_new_tokens=loaded.max_new_tokens, needle_spans=sample.needle_spans,
         inspect=inspect, **options)
     found = sum(a.lower() in answer.text.lower() for a in sample.answers)
     print(f"{cell.method} k={budget} chunk={cell.chunk_size} options={options}: "

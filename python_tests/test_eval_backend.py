@@ -171,3 +171,66 @@ def test_inspect_cell_splits_kept_states_by_origin():
     row = layer_contents(origin, offset=4, n_doc=40, needle={10, 11, 12})
     assert (row["head"], row["needle"], row["rest"]) == (2, 2, 7)
     assert row["rest_in_runs"] == pytest.approx(5 / 7) and row["rest_ids"] == [4, 5, 6, 7, 8, 20, 22]
+
+
+def _ablate_cell():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ablate_cell
+
+    return ablate_cell
+
+
+@pytest.mark.parametrize("method", ["citrus_shared", "citrus_individual", "h2o"])
+def test_ablate_cell_answers_from_edited_copies(tiny_llama, method):
+    from citrus_ext import ChunkedReader, make_policy
+
+    ablate = _ablate_cell()
+    ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(3))
+    instr = torch.tensor([[5, 6, 7]])
+
+    def read():
+        reader = ChunkedReader(tiny_llama, make_policy(method, 40), 32)
+        reader.read(ids, instr)
+        reader.prune(instr)
+        return reader
+
+    reader = read()
+    replay = ablate.Replay(reader, instr, eos=[], max_new_tokens=6)
+    saved = [layer.origin.clone() for layer in replay.saved.layers]
+    # Unedited, the replay answers as a reader that was never copied.
+    assert replay.answer() == _fresh_answer(read(), instr)
+    kept = saved[0][0, 0]
+    gone = kept[:5]
+    replay.answer(lambda layer, row: torch.isin(row, gone))
+    for layer, before in zip(reader.answer_cache.layers, saved):
+        for head, row in enumerate(before[0]):
+            # the instruction and the answer (160 on) follow the document in the cache
+            left = {i for i in layer.origin[0, head].tolist() if 0 <= i < 160}
+            assert left == set(row.tolist()) - set(gone.tolist())
+    # The saved cache is untouched: the next answer starts from it again.
+    assert [layer.origin.tolist() for layer in replay.saved.layers] == [o.tolist() for o in saved]
+    assert replay.answer() == _fresh_answer(read(), instr)
+
+
+def _fresh_answer(reader, instr):
+    (tokens,) = reader.decode(reader.encode_instruction(instr), 6, [])
+    return tokens
+
+
+def test_ablate_cell_finds_copies_and_partial_layers():
+    ablate = _ablate_cell()
+    assert ablate.digit_runs([" The", " key", " ", "2", "5", " is", "1", "."]) == [[3, 4], [6]]
+    needle = torch.arange(10, 20)
+    copies = [torch.tensor([12, 13]), torch.tensor([16, 17])]
+    edits = ablate.ablations(needle, copies, layers=2, document=range(4, 40))
+    row = torch.tensor([1, 5, 12, 13, 16, 18, 30])  # copy 1 whole, copy 2 only in part
+    mask = edits["without each copy where its layer keeps it only in part"](0, row)
+    assert row[mask].tolist() == [16]
+    assert row[edits["without copy 1 in layer 1"](1, row)].tolist() == [12, 13]
+    assert not edits["without copy 1 in layer 1"](0, row).any()
+    assert row[edits["without the needle"](0, row)].tolist() == [12, 13, 16, 18]
+    assert row[edits["without the document outside the needle"](0, row)].tolist() == [5, 30]
+    assert not edits["as read"](0, row).any()
