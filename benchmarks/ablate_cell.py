@@ -78,9 +78,6 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
     def where(index: torch.Tensor, layer_ok=lambda layer, row: True) -> Drop:
         return lambda layer, row: torch.isin(row, index.to(row.device)) & layer_ok(layer, row)
 
-    def partial(index):  # the layers that keep some but not all of ``index``
-        return lambda layer, row: not bool(torch.isin(index.to(row.device), row).all())
-
     out: dict[str, Drop] = {"as read": lambda layer, row: torch.zeros_like(row, dtype=torch.bool),
                             "without the needle": where(needle)}
     for c, index in enumerate(copies, 1):
@@ -89,11 +86,12 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
         for l in range(layers):
             out[f"without copy {c} in layer {l}"] = where(index, lambda layer, row, l=l: layer == l)
     if copies:
-        def broken(layer, row):
+        def broken(layer, row):  # the copies this head keeps some but not all of
             mask = torch.zeros_like(row, dtype=torch.bool)
             for index in copies:
-                if partial(index)(layer, row):
-                    mask |= torch.isin(row, index.to(row.device))
+                held = torch.isin(row, index.to(row.device))
+                if held.sum() < len(index):
+                    mask |= held
             return mask
         out["without each copy where its layer keeps it only in part"] = broken
     doc = torch.arange(document.start, document.stop)
@@ -111,14 +109,13 @@ def main(argv=None) -> int:
                         help="print every one-layer edit, not only those that change the answer")
     args = parser.parse_args(argv)
 
-    from citrus_ext import ChunkedReader, compat, make_policy, split_prompt
+    from citrus_ext import ChunkedReader, compat, make_policy
+    from citrus_ext.eval.backend import prompt_ids
 
     loaded = load_cell(parser, args.out, args.cell, args.model)
     model, tokenizer, cell, sample = loaded.model, loaded.tokenizer, loaded.cell, loaded.sample
-    doc_ids, instr_ids = split_prompt(tokenizer, sample.document, sample.instruction)
-    offset = len(doc_ids) - len(tokenizer(sample.document, add_special_tokens=False).input_ids)
-    spans = [range(offset + a, offset + b) for a, b in sample.needle_spans]
-    needle = torch.tensor([i for span in spans for i in span], dtype=torch.long)
+    doc_ids, instr_ids, offset, needle = prompt_ids(tokenizer, sample.document, sample.instruction,
+                                                    sample.needle_spans)
     pieces = [tokenizer.decode([doc_ids[i]]) for i in needle.tolist()]
     copies = [needle[run] for run in digit_runs(pieces)]
 

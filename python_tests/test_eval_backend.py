@@ -158,12 +158,20 @@ def test_inspect_sees_the_final_answer_cache(tiny_llama):
     assert n_ids == 160 and offset == 0 and needle == list(range(50, 60))  # no chat template here
 
 
-def test_inspect_cell_splits_kept_states_by_origin():
+def _benchmark_script(name: str):
+    """A script of ``benchmarks/`` imported as a module (they import each other by name)."""
+    import importlib
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from inspect_cell import layer_contents
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_inspect_cell_splits_kept_states_by_origin():
+    layer_contents = _benchmark_script("inspect_cell").layer_contents
 
     # template head 0-3, document 4-39, needle 10-12; kept: 2 head, needle 10 and 11, rest 4-8 (a run
     # of 5) and 20, 22 (scattered); 50 is past the document (instruction or answer) and not counted.
@@ -173,21 +181,11 @@ def test_inspect_cell_splits_kept_states_by_origin():
     assert row["rest_in_runs"] == pytest.approx(5 / 7) and row["rest_ids"] == [4, 5, 6, 7, 8, 20, 22]
 
 
-def _ablate_cell():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ablate_cell
-
-    return ablate_cell
-
-
 @pytest.mark.parametrize("method", ["citrus_shared", "citrus_individual", "h2o"])
 def test_ablate_cell_answers_from_edited_copies(tiny_llama, method):
     from citrus_ext import ChunkedReader, make_policy
 
-    ablate = _ablate_cell()
+    ablate = _benchmark_script("ablate_cell")
     ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(3))
     instr = torch.tensor([[5, 6, 7]])
 
@@ -221,7 +219,7 @@ def _fresh_answer(reader, instr):
 
 
 def test_ablate_cell_finds_copies_and_partial_layers():
-    ablate = _ablate_cell()
+    ablate = _benchmark_script("ablate_cell")
     assert ablate.digit_runs([" The", " key", " ", "2", "5", " is", "1", "."]) == [[3, 4], [6]]
     needle = torch.arange(10, 20)
     copies = [torch.tensor([12, 13]), torch.tensor([16, 17])]

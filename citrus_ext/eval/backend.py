@@ -45,16 +45,13 @@ def answer_fn(model, tokenizer) -> Callable:
         final pruning (``offset``: the chat template's tokens before the document), as
         ``benchmarks/inspect_cell.py`` does.
     """
-    from citrus_ext import Answer, ChunkedReader, compat, make_policy, split_prompt
+    from citrus_ext import Answer, ChunkedReader, compat, make_policy
 
     def run(document, instruction, *, method, budget, chunk_size, max_new_tokens, needle_spans=(),
             inspect: Optional[Callable] = None, **options):
         start = time.perf_counter()
         compat.check_supported(model)
-        doc_ids, instr_ids = split_prompt(tokenizer, document, instruction)
-        # The template's head comes before the document in the read token indices.
-        offset = len(doc_ids) - len(tokenizer(document, add_special_tokens=False).input_ids)
-        needle = torch.tensor([offset + i for a, b in needle_spans for i in range(a, b)], dtype=torch.long)
+        doc_ids, instr_ids, offset, needle = prompt_ids(tokenizer, document, instruction, needle_spans)
         reader = ChunkedReader(model, make_policy(method, budget, **options), chunk_size)
         device = next(model.parameters()).device
         instr = torch.tensor([instr_ids], device=device)
@@ -73,6 +70,29 @@ def answer_fn(model, tokenizer) -> Callable:
         return Answer(tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats)
 
     return run
+
+
+def prompt_ids(tokenizer, document: str, instruction: str, needle_spans=()):
+    """The prompt as the reader reads it, and where the needles are in it.
+
+    Returns
+    -------
+    doc_ids, instr_ids : list of int
+        :func:`citrus_ext.split_prompt`: the chat template's head and the document, then the
+        instruction and the template's tail.
+    offset : int
+        Tokens of the template's head before the document.
+    needle : Tensor of int64
+        The token indices of ``needle_spans`` (spans in the document's own tokens) in the reader's
+        numbering.
+    """
+    from citrus_ext import split_prompt
+    from citrus_ext.eval.tasks import count_tokens
+
+    doc_ids, instr_ids = split_prompt(tokenizer, document, instruction)
+    offset = len(doc_ids) - count_tokens(tokenizer, document)
+    needle = torch.tensor([offset + i for a, b in needle_spans for i in range(a, b)], dtype=torch.long)
+    return doc_ids, instr_ids, offset, needle
 
 
 def needle_kept(cache, needle: torch.Tensor) -> list[float]:
