@@ -205,7 +205,8 @@ class Haystack:
     source: str
 
 
-def _token_count(tokenizer, text: str) -> int:
+def count_tokens(tokenizer, text: str) -> int:
+    """Number of tokens of ``text`` without special tokens."""
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -255,7 +256,7 @@ def build_haystack(tokenizer, n_tokens: int, needle: str = DEFAULT_NEEDLE, depth
     needle = needle.strip()
     if not needle:
         raise ValueError("needle must not be empty")
-    filler_tokens = n_tokens - _token_count(tokenizer, " " + needle + " ")
+    filler_tokens = n_tokens - count_tokens(tokenizer, " " + needle + " ")
     if filler_tokens < 1:
         raise ValueError(f"n_tokens={n_tokens} leaves no room for filler around the needle")
 
@@ -263,7 +264,7 @@ def build_haystack(tokenizer, n_tokens: int, needle: str = DEFAULT_NEEDLE, depth
     pieces, have = [], 0
     for unit in text_units(source, seed):
         pieces.append(unit)
-        have += _token_count(tokenizer, unit) + 1
+        have += count_tokens(tokenizer, unit) + 1
         if have > filler_tokens:
             break
     else:

@@ -87,7 +87,7 @@ def prompt_ids(tokenizer, document: str, instruction: str, needle_spans=()):
         numbering.
     """
     from citrus_ext import split_prompt
-    from citrus_ext.eval.tasks import count_tokens
+    from citrus_ext.texts import count_tokens
 
     doc_ids, instr_ids = split_prompt(tokenizer, document, instruction)
     offset = len(doc_ids) - count_tokens(tokenizer, document)

@@ -30,6 +30,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from citrus_ext.texts import count_tokens
+
 # The filler of the passkey task of Mohtashami & Jaggi (2023), used by most long-context papers.
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
          "There and back again.")
@@ -89,11 +91,6 @@ class Sample:
     needle_spans: tuple[tuple[int, int], ...] = field(default=())
     seed: int = 0
     min_new_tokens: int = 0
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Number of tokens of ``text`` without special tokens."""
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def sample_seed(seed: int, *parts) -> int:
