@@ -4,8 +4,9 @@ Rebuilds a retrieval cell's document (as ``inspect_cell.py`` does), reads it onc
 method, budget and chunk size, runs the final pruning, then answers from copies of the answer
 cache with chosen states removed: the whole needle, each copy of the answer inside the needle
 (e.g. the two copies of a pass key), each copy in one layer at a time, each copy in the layers
-that keep it only in part, and the document outside the needle. Used to find out why the CItruS
-modes miss one 32k passkey document (benchmarks/README.md).
+that keep it only in part, the document outside the needle, and the chat template's head before
+the document. Used to find out why the CItruS modes miss one 32k passkey document, and where their
+variable-tracking answers recite the filler (benchmarks/README.md).
 
     python benchmarks/ablate_cell.py --out benchmarks/results/eval_retrieval_pool7 \\
         --cell passkey__L32768__d0.75__s1__citrus_shared__b256__c256
@@ -73,8 +74,10 @@ def digit_runs(pieces: list[str]) -> list[list[int]]:
     return runs
 
 
-def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, document: range) -> dict[str, Drop]:
-    """The named edits: each maps a layer and a head's origin row to the states to remove."""
+def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, document: range,
+              per_layer: bool = True) -> dict[str, Drop]:
+    """The named edits: each maps a layer and a head's origin row to the states to remove
+    (``per_layer=False`` leaves out the one-layer edits, two answers per layer and copy)."""
     def where(index: torch.Tensor, layer_ok=lambda layer, row: True) -> Drop:
         return lambda layer, row: torch.isin(row, index.to(row.device)) & layer_ok(layer, row)
 
@@ -82,7 +85,7 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
                             "without the needle": where(needle)}
     for c, index in enumerate(copies, 1):
         out[f"without copy {c}"] = where(index)
-    for c, index in enumerate(copies, 1):
+    for c, index in enumerate(copies if per_layer else [], 1):
         for l in range(layers):
             out[f"without copy {c} in layer {l}"] = where(index, lambda layer, row, l=l: layer == l)
     if copies:
@@ -97,6 +100,9 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
     doc = torch.arange(document.start, document.stop)
     out["without the document outside the needle"] = lambda layer, row: (
         torch.isin(row, doc.to(row.device)) & ~torch.isin(row, needle.to(row.device)))
+    # The template's first state stays: it is the attention sink every method keeps.
+    out["without the chat template's head but its first state"] = lambda layer, row: (row >= 1) & (
+        row < document.start)
     return out
 
 
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="local HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--all-layers", action="store_true",
                         help="print every one-layer edit, not only those that change the answer")
+    parser.add_argument("--no-layer-edits", action="store_true",
+                        help="skip the one-layer edits (the slow part: an answer per layer and copy)")
     args = parser.parse_args(argv)
 
     from citrus_ext import ChunkedReader, compat, make_policy
@@ -129,7 +137,8 @@ def main(argv=None) -> int:
     print("needle:", "|".join(pieces))
     for c, index in enumerate(copies, 1):
         print(f"copy {c}: tokens {index.tolist()}")
-    edits = ablations(needle, copies, len(replay.saved.layers), range(offset, len(doc_ids)))
+    edits = ablations(needle, copies, len(replay.saved.layers), range(offset, len(doc_ids)),
+                      per_layer=not args.no_layer_edits)
     first = None
     for name, drop in edits.items():
         text = tokenizer.decode(replay.answer(drop), skip_special_tokens=True)

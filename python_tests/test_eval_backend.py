@@ -231,4 +231,8 @@ def test_ablate_cell_finds_copies_and_partial_layers():
     assert not edits["without copy 1 in layer 1"](0, row).any()
     assert row[edits["without the needle"](0, row)].tolist() == [12, 13, 16, 18]
     assert row[edits["without the document outside the needle"](0, row)].tolist() == [5, 30]
+    assert row[edits["without the chat template's head but its first state"](0, row)].tolist() == [1]
+    assert not edits["without the chat template's head but its first state"](0, torch.tensor([0, 4, 12])).any()
     assert not edits["as read"](0, row).any()
+    quick = ablate.ablations(needle, copies, layers=2, document=range(4, 40), per_layer=False)
+    assert set(edits) - set(quick) == {f"without copy {c} in layer {l}" for c in (1, 2) for l in (0, 1)}
