@@ -5,7 +5,7 @@ method, budget and chunk size, runs the final pruning, then answers from copies 
 cache with chosen states removed: the whole needle, each copy of the answer inside the needle
 (e.g. the two copies of a pass key), each copy in one layer at a time, each copy in the layers
 that keep it only in part, the document outside the needle, and the chat template's head before
-the document. Used to find out why the CItruS modes miss one 32k passkey document, and where their
+the document, whole and in the pieces its special tokens separate. Used to find out why the CItruS modes miss one 32k passkey document, and where their
 variable-tracking answers recite the filler (benchmarks/README.md).
 
     python benchmarks/ablate_cell.py --out benchmarks/results/eval_retrieval_pool7 \\
@@ -74,10 +74,19 @@ def digit_runs(pieces: list[str]) -> list[list[int]]:
     return runs
 
 
+def head_parts(head_ids: list[int], special_ids: set[int]) -> list[range]:
+    """Split the template's head (the prompt before the document) at its special tokens, past the
+    first state: for ChatML, the system turn's text, its end marker, and the user turn's opening."""
+    cuts = [i for i in range(1, len(head_ids)) if head_ids[i] in special_ids]
+    bounds = [1, *cuts, len(head_ids)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, document: range,
-              per_layer: bool = True) -> dict[str, Drop]:
+              per_layer: bool = True, parts: dict[str, range] | None = None) -> dict[str, Drop]:
     """The named edits: each maps a layer and a head's origin row to the states to remove
-    (``per_layer=False`` leaves out the one-layer edits, two answers per layer and copy)."""
+    (``per_layer=False`` leaves out the one-layer edits, two answers per layer and copy;
+    ``parts`` names pieces of the template's head to remove one at a time)."""
     def where(index: torch.Tensor, layer_ok=lambda layer, row: True) -> Drop:
         return lambda layer, row: torch.isin(row, index.to(row.device)) & layer_ok(layer, row)
 
@@ -103,6 +112,8 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
     # The template's first state stays: it is the attention sink every method keeps.
     out["without the chat template's head but its first state"] = lambda layer, row: (row >= 1) & (
         row < document.start)
+    for name, span in (parts or {}).items():
+        out[f"without {name}"] = lambda layer, row, span=span: (row >= span.start) & (row < span.stop)
     return out
 
 
@@ -137,8 +148,10 @@ def main(argv=None) -> int:
     print("needle:", "|".join(pieces))
     for c, index in enumerate(copies, 1):
         print(f"copy {c}: tokens {index.tolist()}")
+    parts = {f"head states {span.start}-{span.stop - 1} {tokenizer.decode(doc_ids[span.start:span.stop])!r}": span
+             for span in head_parts(doc_ids[:offset], set(tokenizer.all_special_ids))}
     edits = ablations(needle, copies, len(replay.saved.layers), range(offset, len(doc_ids)),
-                      per_layer=not args.no_layer_edits)
+                      per_layer=not args.no_layer_edits, parts=parts)
     first = None
     for name, drop in edits.items():
         text = tokenizer.decode(replay.answer(drop), skip_special_tokens=True)

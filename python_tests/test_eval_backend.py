@@ -234,5 +234,15 @@ def test_ablate_cell_finds_copies_and_partial_layers():
     assert row[edits["without the chat template's head but its first state"](0, row)].tolist() == [1]
     assert not edits["without the chat template's head but its first state"](0, torch.tensor([0, 4, 12])).any()
     assert not edits["as read"](0, row).any()
+    # ChatML head: <|im_start|> system text <|im_end|> \n <|im_start|> user \n (specials 1 and 2)
+    head = [1, 50, 51, 52, 2, 10, 1, 60, 10]
+    spans = ablate.head_parts(head, {1, 2})
+    assert spans == [range(1, 4), range(4, 6), range(6, 9)]
+    named = ablate.ablations(needle, copies, layers=2, document=range(9, 40), per_layer=False,
+                             parts={"user": spans[2], "system": spans[0]})
+    states = torch.tensor([0, 3, 6, 8, 9])
+    assert states[named["without user"](0, states)].tolist() == [6, 8]
+    assert states[named["without system"](0, states)].tolist() == [3]
+    assert ablate.head_parts([7], {1}) == [] and ablate.head_parts([1, 5, 6], set()) == [range(1, 3)]
     quick = ablate.ablations(needle, copies, layers=2, document=range(4, 40), per_layer=False)
     assert set(edits) - set(quick) == {f"without copy {c} in layer {l}" for c in (1, 2) for l in (0, 1)}
