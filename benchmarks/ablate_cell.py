@@ -5,8 +5,9 @@ method, budget and chunk size, runs the final pruning, then answers from copies 
 cache with chosen states removed: the whole needle, each copy of the answer inside the needle
 (e.g. the two copies of a pass key), each copy in one layer at a time, each copy in the layers
 that keep it only in part, the document outside the needle, and the chat template's head before
-the document, whole and in the pieces its special tokens separate. Used to find out why the CItruS modes miss one 32k passkey document, and where their
-variable-tracking answers recite the filler (benchmarks/README.md).
+the document, whole and in the pieces its special tokens separate. Used to find out why the CItruS
+modes miss one 32k passkey document, and where their variable-tracking answers recite the filler
+(benchmarks/README.md).
 
     python benchmarks/ablate_cell.py --out benchmarks/results/eval_retrieval_pool7 \\
         --cell passkey__L32768__d0.75__s1__citrus_shared__b256__c256
