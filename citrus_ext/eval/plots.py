@@ -84,7 +84,9 @@ def plot_heatmaps(records: Sequence[dict], out_dir) -> list[Path]:
             ax.set_xlabel("document tokens", fontsize=8)
         axes[0][0].set_ylabel("needle depth", fontsize=8)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-        fig.suptitle(f"{task}: accuracy, budget k={budget}, chunk {chunk} (grey: not run)", fontsize=10)
+        # Above the figure's top edge: at this height the default position overlaps the panel titles.
+        fig.suptitle(f"{task}: accuracy, budget k={budget}, chunk {chunk} (grey: not run)", fontsize=10,
+                     y=1.0, va="bottom")
         files.append(_save(fig, plt, Path(out_dir) / f"heatmap_{task}_k{budget}_c{chunk}.png"))
     return files
 
