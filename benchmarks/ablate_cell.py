@@ -84,10 +84,12 @@ def head_parts(head_ids: list[int], special_ids: set[int]) -> list[range]:
 
 
 def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, document: range,
-              per_layer: bool = True, parts: dict[str, range] | None = None) -> dict[str, Drop]:
+              per_layer: bool = True, parts: dict[str, range] | None = None,
+              others: torch.Tensor | None = None) -> dict[str, Drop]:
     """The named edits: each maps a layer and a head's origin row to the states to remove
     (``per_layer=False`` leaves out the one-layer edits, two answers per layer and copy;
-    ``parts`` names pieces of the template's head to remove one at a time)."""
+    ``parts`` names pieces of the template's head to remove one at a time; ``others``, the
+    tokens of the needles that hold no answer, e.g. multi-key's distractors, removed together)."""
     def where(index: torch.Tensor, layer_ok=lambda layer, row: True) -> Drop:
         return lambda layer, row: torch.isin(row, index.to(row.device)) & layer_ok(layer, row)
 
@@ -107,6 +109,8 @@ def ablations(needle: torch.Tensor, copies: list[torch.Tensor], layers: int, doc
                     mask |= held
             return mask
         out["without each copy where its layer keeps it only in part"] = broken
+    if others is not None and others.numel():
+        out["without the needles that hold no answer"] = where(others)
     doc = torch.arange(document.start, document.stop)
     out["without the document outside the needle"] = lambda layer, row: (
         torch.isin(row, doc.to(row.device)) & ~torch.isin(row, needle.to(row.device)))
@@ -138,6 +142,8 @@ def main(argv=None) -> int:
                                                     sample.needle_spans)
     pieces = [tokenizer.decode([doc_ids[i]]) for i in needle.tolist()]
     copies = [needle[run] for run in digit_runs(pieces)]
+    others = [torch.arange(offset + a, offset + b) for a, b in sample.needle_spans
+              if not any(ans in tokenizer.decode(doc_ids[offset + a:offset + b]) for ans in sample.answers)]
 
     reader = ChunkedReader(model, make_policy(cell.method, loaded.budget, **loaded.options), cell.chunk_size)
     instruction = torch.tensor([instr_ids])
@@ -149,10 +155,13 @@ def main(argv=None) -> int:
     print("needle:", "|".join(pieces))
     for c, index in enumerate(copies, 1):
         print(f"copy {c}: tokens {index.tolist()}")
+    if others:
+        print("needles that hold no answer: tokens", ", ".join(f"{int(o[0])}-{int(o[-1])}" for o in others))
     parts = {f"head states {span.start}-{span.stop - 1} {tokenizer.decode(doc_ids[span.start:span.stop])!r}": span
              for span in head_parts(doc_ids[:offset], set(tokenizer.all_special_ids))}
     edits = ablations(needle, copies, len(replay.saved.layers), range(offset, len(doc_ids)),
-                      per_layer=not args.no_layer_edits, parts=parts)
+                      per_layer=not args.no_layer_edits, parts=parts,
+                      others=torch.cat(others) if others else None)
     first = None
     for name, drop in edits.items():
         text = tokenizer.decode(replay.answer(drop), skip_special_tokens=True)

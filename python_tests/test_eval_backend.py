@@ -246,3 +246,7 @@ def test_ablate_cell_finds_copies_and_partial_layers():
     assert ablate.head_parts([7], {1}) == [] and ablate.head_parts([1, 5, 6], set()) == [range(1, 3)]
     quick = ablate.ablations(needle, copies, layers=2, document=range(4, 40), per_layer=False)
     assert set(edits) - set(quick) == {f"without copy {c} in layer {l}" for c in (1, 2) for l in (0, 1)}
+    assert "without the needles that hold no answer" not in edits
+    split = ablate.ablations(needle, copies, layers=2, document=range(4, 40), per_layer=False,
+                             others=torch.arange(15, 20))
+    assert row[split["without the needles that hold no answer"](0, row)].tolist() == [16, 18]
